@@ -1,0 +1,1 @@
+"""histofed client: the hospital side (Flower ClientApp) that trains on local data only."""

@@ -1,0 +1,1 @@
+"""histofed common: pure ML shared by server and clients (config, model, data, training, metrics)."""

@@ -1,0 +1,188 @@
+"""Typed run configuration: one validated object, defaults in one place, flat kebab keys for Flower."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.backbones import BACKBONES
+from common.datasets import DATASETS
+
+FlatValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys rejected, kebab-case aliases, immutable."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+
+class ModelConfig(_Section):
+    """The EfficientNetV2 → multi-scale tokens → GRU → attention → classifier hybrid."""
+
+    backbone: str = Field("tf_efficientnetv2_b0", description="timm backbone (see BACKBONES)")
+    num_classes: Literal[2, 8] = Field(2, description="2 benign/malignant, 8 BreakHis subtypes")
+    token_dim: int = Field(64, gt=0, description="width of each scale's 1x1 projection")
+    hidden_size: int = Field(128, gt=0, description="GRU hidden size")
+    bidirectional: bool = Field(True, description="bidirectional GRU")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
+    image_size: int = Field(64, ge=32, le=1024, description="square input size in pixels")
+    pretrained: bool = Field(False, description="load backbone weights from pretrained-path")
+    pretrained_path: str = Field("", description="LOCAL .safetensors/.pth file; never downloaded")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone '{value}' (choose from {', '.join(BACKBONES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _pretrained_needs_file(self) -> ModelConfig:
+        if self.pretrained and not self.pretrained_path:
+            raise ValueError(
+                "pretrained=true needs model.pretrained-path, a local weights file "
+                "(histofed never downloads weights)"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """Which dataset feeds the sites and how much of it."""
+
+    dataset: str = Field("synthetic", description="dataset registry name")
+    root: str = Field("", description="dataset root on disk (real datasets)")
+    train_per_site: int = Field(384, gt=0, description="synthetic: training patches per site")
+    test_per_site: int = Field(192, gt=0, description="synthetic: held-out test patches per site")
+    seed: int = Field(0, ge=0, description="data generation / split seed")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset '{value}' (choose from {', '.join(DATASETS)})")
+        return value
+
+
+class TrainConfig(_Section):
+    """Local training on each site."""
+
+    local_epochs: int = Field(1, gt=0, description="local epochs per round")
+    batch_size: int = Field(32, gt=0, description="mini-batch size")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present")
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
+    channels_last: bool = Field(True, description="channels_last memory format (faster convs)")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave as is)")
+    seed: int = Field(0, ge=0, description="training seed")
+
+
+class FederationConfig(_Section):
+    """The Flower strategy and how many sites take part."""
+
+    strategy: Literal["fedavg"] = Field("fedavg", description="FedAvg (McMahan et al. 2017)")
+    rounds: int = Field(3, gt=0, description="federated rounds")
+    num_sites: int = Field(3, gt=0, description="number of hospitals (sites)")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of sites per round")
+    fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0, description="share evaluated")
+    min_train_sites: int = Field(2, gt=0, description="minimum sites that train in a round")
+    min_evaluate_sites: int = Field(2, gt=0, description="minimum sites that evaluate")
+    min_available_sites: int = Field(2, gt=0, description="sites to wait for before starting")
+    round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds to wait for replies")
+
+    @model_validator(mode="after")
+    def _minimums_fit(self) -> FederationConfig:
+        for key in ("min_train_sites", "min_evaluate_sites", "min_available_sites"):
+            if getattr(self, key) > self.num_sites:
+                raise ValueError(
+                    f"federation.{_kebab(key)} ({getattr(self, key)}) exceeds "
+                    f"federation.num-sites ({self.num_sites})"
+                )
+        return self
+
+
+class OutputConfig(_Section):
+    """Where the server writes its run directory."""
+
+    run_dir: str = Field("", description="run directory ('' = ./runs/<timestamp>)")
+
+
+class RunConfig(_Section):
+    """The whole run: read once at each entry point."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_flat(self) -> dict[str, FlatValue]:
+        """Flatten to Flower run-config keys such as 'model.hidden-size'."""
+        nested = self.model_dump(by_alias=True)
+        return {f"{sec}.{key}": val for sec, body in nested.items() for key, val in body.items()}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Validate flat 'section.key' values (Flower run config, CLI overrides)."""
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, sep, name = str(key).partition(".")
+            if not sep or not name or section not in cls.model_fields:
+                raise ConfigError(f"unknown configuration key '{key}'")
+            nested.setdefault(section, {})[name] = value
+        return cls.validate_nested(nested)
+
+    @classmethod
+    def validate_nested(cls, nested: Mapping[str, Any]) -> RunConfig:
+        """Validate a nested mapping, turning pydantic errors into one ConfigError line."""
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err, nested)) from None
+
+    def override(self, pairs: Mapping[str, Any]) -> RunConfig:
+        """Return a new config with flat 'section.key' overrides applied and validated."""
+        flat: dict[str, Any] = dict(self.to_flat())
+        for key in pairs:
+            if key not in flat:
+                raise ConfigError(f"unknown configuration key '{key}'")
+        flat.update(pairs)
+        return RunConfig.from_flat(flat)
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, str]:
+    """Parse CLI 'key=value' strings; values stay strings for pydantic to coerce."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad --set '{item}': expected key=value, e.g. train.lr=0.001")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _one_line(err: ValidationError, nested: Mapping[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc) if loc else "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown configuration key '{key}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    if len(loc) == 2:
+        given = nested.get(loc[0], {}).get(loc[1], None)
+        return f"invalid value for '{key}': {msg} (got {given!r})"
+    return f"invalid configuration in '{key}': {msg}"

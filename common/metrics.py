@@ -1,0 +1,99 @@
+"""Classification metrics from pooled confusion counts and score histograms (sum over sites, never average ratios).
+
+Sites send counts, not ratios: a K x K confusion matrix (rows true, columns predicted) and, for
+AUC, per-class histograms of predicted probabilities for positives and negatives. Counts add up
+exactly across hospitals, so global metrics equal those on the union of all test sets (with
+scores quantised to `bins` levels for AUC). Undefined ratios (0/0) are 0, as scikit-learn's
+`zero_division=0`; AUC is NaN when a class has no positives or no negatives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_BINS = 256
+METRIC_NAMES = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "auc")
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K int64 counts, rows = true class, columns = predicted class."""
+    idx = np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def quantize(probs: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Bin index of each probability in [0, 1]."""
+    return np.clip((np.asarray(probs) * bins).astype(np.int64), 0, bins - 1)
+
+
+def score_histograms(y_true: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """K x 2 x bins counts: [k, 1] positives' P(class k) histogram, [k, 0] negatives'."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    num_classes = probs.shape[1]
+    out = np.zeros((num_classes, 2, bins), dtype=np.int64)
+    for k in range(num_classes):
+        q = quantize(probs[:, k], bins)
+        pos = y_true == k
+        out[k, 1] = np.bincount(q[pos], minlength=bins)
+        out[k, 0] = np.bincount(q[~pos], minlength=bins)
+    return out
+
+
+def auc_from_histogram(neg: np.ndarray, pos: np.ndarray) -> float:
+    """ROC-AUC = P(score_pos > score_neg) + ½ P(tie) over binned scores; NaN if a side is empty."""
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    below = np.concatenate([[0], np.cumsum(neg)[:-1]])  # negatives in strictly lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """One-vs-rest precision, recall, F1, specificity and IoU (Jaccard) for every class."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    tn = cm.sum() - tp - fp - fn
+    return {
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "iou": _ratio(tp, tp + fp + fn),
+        "support": tp + fn,
+    }
+
+
+def compute_metrics(confusion: np.ndarray, histograms: np.ndarray | None = None) -> dict[str, float]:
+    """Global metrics: positive class 1 for 2 classes; macro one-vs-rest averages for more.
+
+    With more than two classes the result also holds '<metric>/<class index>' entries.
+    """
+    cm = np.asarray(confusion, dtype=np.int64)
+    k = cm.shape[0]
+    total = cm.sum()
+    pc = per_class(cm)
+    aucs = (
+        np.array([auc_from_histogram(histograms[c, 0], histograms[c, 1]) for c in range(k)])
+        if histograms is not None
+        else np.full(k, np.nan)
+    )
+    out: dict[str, float] = {"accuracy": float(np.trace(cm) / total) if total else 0.0}
+    if k == 2:
+        out.update({name: float(pc[name][1]) for name in ("precision", "recall", "f1", "specificity", "iou")})
+        out["auc"] = float(aucs[1])
+    else:
+        out.update({name: float(pc[name].mean()) for name in ("precision", "recall", "f1", "specificity", "iou")})
+        defined = aucs[~np.isnan(aucs)]
+        out["auc"] = float(defined.mean()) if defined.size else float("nan")
+        for name in ("precision", "recall", "f1", "specificity", "iou"):
+            out.update({f"{name}/{c}": float(pc[name][c]) for c in range(k)})
+        out.update({f"auc/{c}": float(aucs[c]) for c in range(k)})
+    out["support"] = float(total)
+    return out

@@ -1,0 +1,1 @@
+"""histofed server: the coordinator (Flower ServerApp), strategy, pooled metrics and run directory."""

@@ -1,0 +1,79 @@
+"""Per-round bookkeeping: pooled global metrics from site counts, per-site metrics, one JSON line a round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from common import protocol as P
+from common.metrics import compute_metrics
+from server.rundir import RunDirectory
+
+
+def _site_name(record: RecordDict, fallback: int) -> str:
+    site = record.config_records.get(P.SITE)
+    return str(site[P.SITE_NAME]) if site and P.SITE_NAME in site else f"node-{fallback}"
+
+
+def _metrics(record: RecordDict) -> MetricRecord:
+    return next(iter(record.metric_records.values()))
+
+
+def pooled_report(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
+    """Global metrics from counts SUMMED over sites (not averaged ratios), plus each site's own."""
+    sites: dict[str, Any] = {}
+    total_cm, total_hist, loss_sum, n_sum = None, None, 0.0, 0
+    for i, record in enumerate(records):
+        m = _metrics(record)
+        cm, hist = P.decode_counts(dict(m), num_classes)
+        n = int(m[P.NUM_EXAMPLES])
+        sites[_site_name(record, i)] = {**compute_metrics(cm, hist), "loss": float(m[P.EVAL_LOSS])}
+        total_cm = cm if total_cm is None else total_cm + cm
+        total_hist = hist if total_hist is None else total_hist + hist
+        loss_sum += float(m[P.EVAL_LOSS]) * n
+        n_sum += n
+    glob = {**compute_metrics(total_cm, total_hist), "loss": loss_sum / max(n_sum, 1)}
+    return {"global": glob, "sites": sites, "confusion": np.asarray(total_cm).tolist()}
+
+
+class RoundRecorder:
+    """Collects train/evaluate aggregates of a round and writes them when the round ends."""
+
+    def __init__(self, run: RunDirectory, num_classes: int) -> None:
+        self.run = run
+        self.num_classes = num_classes
+        self.history: list[dict[str, Any]] = []
+        self._train: dict[str, Any] = {}
+        self._eval: dict[str, Any] = {}
+
+    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        """Flower train_metrics_aggr_fn: keep per-site loss/time, return the weighted mean."""
+        self._train = {
+            _site_name(r, i): {"loss": float(_metrics(r)[P.TRAIN_LOSS]),
+                               "seconds": float(_metrics(r)[P.TRAIN_SECONDS]),
+                               "examples": int(_metrics(r)[P.NUM_EXAMPLES])}
+            for i, r in enumerate(records)
+        }
+        return aggregate_metricrecords(records, weighting_key)
+
+    def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        """Flower evaluate_metrics_aggr_fn: pooled confusion counts → global metrics."""
+        self._eval = pooled_report(records, self.num_classes)
+        return _finite(self._eval["global"])
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower evaluate_fn (called after each round, and at round 0): write the round's line."""
+        if not self._eval:
+            return None
+        record = {"round": server_round, **self._eval, "train": self._train}
+        self.run.log_round(record)
+        self.history.append(record)
+        self._train, self._eval = {}, {}
+        return _finite(record["global"])
+
+
+def _finite(metrics: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})

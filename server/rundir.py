@@ -1,0 +1,77 @@
+"""The run directory: resolved config, metrics per round (JSON Lines), final model (safetensors), status."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.weights import save_state_dict
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+STATUS_FILE = "status.json"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    """Writes one run's artefacts; every file says whether the data was synthetic."""
+
+    def __init__(self, path: Path, cfg: RunConfig, *, synthetic: bool) -> None:
+        self.path = path
+        self.synthetic = synthetic
+        self.started = time.time()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / METRICS_FILE).write_text("")
+        self._write(CONFIG_FILE, {"data-kind": self.data_kind, "config": cfg.to_flat()})
+        self.status("running")
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig, *, synthetic: bool) -> RunDirectory:
+        """The configured run directory, or ./runs/<UTC timestamp>."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.output.run_dir) if cfg.output.run_dir else Path.cwd() / "runs" / stamp
+        return cls(path.resolve(), cfg, synthetic=synthetic)
+
+    @property
+    def data_kind(self) -> str:
+        return "synthetic" if self.synthetic else "real"
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's metrics as a JSON line."""
+        line = {"data-kind": self.data_kind, "elapsed-s": round(time.time() - self.started, 2), **record}
+        with (self.path / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(_clean(line)) + "\n")
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
+        """Write the global model as safetensors."""
+        save_state_dict(state, self.path / MODEL_FILE)
+        return self.path / MODEL_FILE
+
+    def status(self, state: str, **extra: Any) -> None:
+        """Record running / completed / failed (flwr run exits 0 either way; this file tells)."""
+        self._write(STATUS_FILE, {"status": state, "data-kind": self.data_kind,
+                                  "elapsed-s": round(time.time() - self.started, 2), **extra})
+
+    def _write(self, name: str, obj: Mapping[str, Any]) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(_clean(obj), indent=2))
+        tmp.replace(self.path / name)

@@ -1,0 +1,51 @@
+"""Terminal output for simulations: live round progress and the final metrics table (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "auc", "loss")
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One-line summary of a finished round for the progress display."""
+    g = record["global"]
+    return (
+        f"round {record['round']}/{rounds}: global accuracy {_fmt(g.get('accuracy'))}, "
+        f"F1 {_fmt(g.get('f1'))}, AUC {_fmt(g.get('auc'))} ({record.get('data-kind', '?')} data)"
+    )
+
+
+def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
+    """Global (pooled counts) and per-site metrics for every round."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("round", justify="right")
+    table.add_column("scope")
+    for name in COLUMNS:
+        table.add_column(name, justify="right")
+    for record in history:
+        rows = [("global (pooled)", record["global"]), *sorted(record.get("sites", {}).items())]
+        for i, (scope, values) in enumerate(rows):
+            table.add_row(
+                str(record["round"]) if i == 0 else "",
+                scope,
+                *(_fmt(values.get(name)) for name in COLUMNS),
+                end_section=i == len(rows) - 1,
+            )
+    return table
+
+
+def print_table(console: Console, history: list[dict[str, Any]]) -> None:
+    """Print the final table, labelled with the kind of data (synthetic or real)."""
+    if not history:
+        console.print("[yellow]no rounds were recorded[/yellow]")
+        return
+    kind = history[-1].get("data-kind", "unknown")
+    console.print(metrics_table(history, f"histofed metrics per round — {kind.upper()} data"))
