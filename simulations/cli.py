@@ -82,6 +82,11 @@ def _plan(
     threads = cpus if cpus is not None else max(1, cores // num_sites)
     if "train.num-threads" not in user:
         cfg = cfg.override({"train.num-threads": threads})
+    if cfg.model.pretrained_path:  # the ServerApp runs elsewhere: pass an absolute, existing path
+        weights = Path(cfg.model.pretrained_path).expanduser().resolve()
+        if not weights.is_file():
+            raise ConfigError(f"model.pretrained-path: file not found: {weights}")
+        cfg = cfg.override({"model.pretrained-path": str(weights)})
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = (run_dir or Path("runs") / f"{scenario}-{stamp}").resolve()
     if path.exists() and any(path.iterdir()):

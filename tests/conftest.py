@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny configs so tests run in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import RunConfig
+
+TINY = {
+    "model.backbone": "test_efficientnet", "model.image-size": 32, "model.token-dim": 8,
+    "model.hidden-size": 8, "data.train-per-site": 16, "data.test-per-site": 8,
+    "train.batch-size": 8, "federation.num-sites": 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_cfg() -> RunConfig:
+    return RunConfig().override(TINY)

@@ -1,0 +1,77 @@
+"""End to end through Flower's simulation engine (`flwr run`, local SuperLink, Ray): slow, run in CI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from common.config import RunConfig
+from common.metrics import METRIC_NAMES
+from common.model import build_model
+from common.weights import load_weights, save_state_dict
+
+FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
+pytestmark = pytest.mark.slow
+
+
+def _sim(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [FLOWER_SIM, "run", "synthetic-tiny", "--run-dir", str(tmp_path / "run"), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=400,
+    )
+
+
+def _leftovers(marker: Path) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(marker) in part for part in proc.info["cmdline"] or []):
+                found.append(" ".join(proc.info["cmdline"]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_two_sites_one_round_writes_the_run_directory(tmp_path: Path) -> None:
+    result = _sim(tmp_path, "--sites", "2", "--rounds", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "run"
+    assert "SYNTHETIC data" in result.stdout and "global (pooled)" in result.stdout
+
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data-kind"] == "synthetic"
+    cfg = RunConfig.from_flat(saved["config"])
+    assert cfg.federation.num_sites == 2 and cfg.federation.rounds == 1 and cfg.output.run_dir == str(run)
+
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["round"] for ln in lines] == [0, 1]
+    for line in lines:
+        assert line["data-kind"] == "synthetic"
+        assert set(METRIC_NAMES) <= set(line["global"])
+        assert sorted(line["sites"]) == ["synthetic-hospital-0", "synthetic-hospital-1"]
+        assert sum(map(sum, line["confusion"])) == 2 * cfg.data.test_per_site
+    assert sorted(lines[1]["train"]) == ["synthetic-hospital-0", "synthetic-hospital-1"]
+
+    model = build_model(cfg.model, load_pretrained=False)
+    load_weights(model, load_file(str(run / "model.safetensors")))  # strict, by key
+
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["data-kind"] == "synthetic"
+    assert not _leftovers(run), "Flower processes left running"
+
+
+def test_failed_run_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
+    # A weights file for another backbone: accepted by the CLI (it exists), refused by the ServerApp.
+    wrong = tmp_path / "other-backbone.safetensors"
+    save_state_dict(build_model(RunConfig().model).backbone.state_dict(), wrong)
+    result = _sim(tmp_path, "--set", f"model.pretrained-path={wrong}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pretrained file" in result.stderr and "conv_stem.weight" in result.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+    assert not _leftovers(tmp_path / "run")

@@ -1,0 +1,92 @@
+"""FedAvg through Flower's strategy: example-weighted mean, keyed validation, dtypes kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from common import protocol as P
+from common.config import FederationConfig
+from server.strategy import build_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages outside a running Flower task need an identity (the ServerApp process has one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+
+
+def _state(value: float, steps: int) -> dict[str, np.ndarray]:
+    return {
+        "w": np.full((2, 3), value, dtype=np.float32),
+        "bn.running_mean": np.full(3, value * 2, dtype=np.float32),
+        "bn.num_batches_tracked": np.array(steps, dtype=np.int64),
+    }
+
+
+def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Message:
+    instruction = Message(RecordDict({P.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({
+        P.ARRAYS: _arrays(state),
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1}),
+        P.SITE: ConfigRecord({P.SITE_NAME: f"site-{node}"}),
+    })
+    return Message(content, reply_to=instruction)
+
+
+def _strategy():
+    recorded = {}
+
+    def train_metrics(records, key):
+        recorded["n"] = len(records)
+        return MetricRecord({})
+
+    strategy = build_strategy(FederationConfig(), train_metrics=train_metrics, evaluate_metrics=train_metrics)
+    strategy.set_reference(_arrays(_state(0.0, 0)))
+    return strategy, recorded
+
+
+def test_fedavg_equals_example_weighted_mean() -> None:
+    strategy, _ = _strategy()
+    replies = [_reply(1, _state(1.0, 10), 100), _reply(2, _state(4.0, 20), 300), _reply(3, _state(-2.0, 30), 600)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = (1.0 * 100 + 4.0 * 300 - 2.0 * 600) / 1000
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), expected), rtol=1e-6)
+    np.testing.assert_allclose(arrays["bn.running_mean"].numpy(), np.full(3, 2 * expected), rtol=1e-6)
+    assert arrays["w"].numpy().dtype == np.float32
+    tracked = arrays["bn.num_batches_tracked"].numpy()
+    assert tracked.dtype == np.int64  # Flower averages in float64; histofed restores the dtype
+    assert int(tracked) == int((10 * 100 + 20 * 300 + 30 * 600) / 1000)
+
+
+def test_reply_with_wrong_keys_is_dropped_not_misloaded() -> None:
+    strategy, recorded = _strategy()
+    bad = _state(100.0, 1)
+    bad["renamed"] = bad.pop("w")
+    replies = [_reply(1, _state(1.0, 1), 100), _reply(2, _state(3.0, 1), 100), _reply(3, bad, 1000)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.0))
+    assert recorded["n"] == 2
+
+
+def test_reply_with_wrong_shape_is_dropped() -> None:
+    strategy, _ = _strategy()
+    bad = _state(100.0, 1)
+    bad["w"] = np.zeros((3, 2), dtype=np.float32)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0, 1), 10), _reply(2, bad, 10)])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 1.0))
+
+
+def test_no_valid_update_fails_the_round() -> None:
+    strategy, _ = _strategy()
+    bad = {"other": np.zeros(1, dtype=np.float32)}
+    with pytest.raises(RuntimeError, match="no valid model update"):
+        strategy.aggregate_train(1, [_reply(1, bad, 10)])
