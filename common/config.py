@@ -95,7 +95,7 @@ class FederationConfig(_Section):
     """The Flower strategy and how many sites take part."""
 
     strategy: Literal["fedavg"] = Field("fedavg", description="FedAvg (McMahan et al. 2017)")
-    rounds: int = Field(3, gt=0, description="federated rounds")
+    rounds: int = Field(5, gt=0, description="federated rounds")
     num_sites: int = Field(3, gt=0, description="number of hospitals (sites)")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of sites per round")
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0, description="share evaluated")

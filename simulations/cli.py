@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,7 +109,12 @@ def _gpu_share(requested: float | None, cfg: RunConfig) -> float:
     return 1.0 / cfg.federation.num_sites
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _execute(plan: SimulationPlan, scenario: str) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     rounds = plan.cfg.federation.rounds
     console.print(
         f"histofed · scenario [bold]{scenario}[/bold] · {plan.cfg.federation.num_sites} sites · "

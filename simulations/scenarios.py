@@ -26,7 +26,7 @@ SCENARIOS: dict[str, Scenario] = {
     "synthetic-3sites": Scenario(
         "3 synthetic H&E-like hospitals (stain shift, label skew 30/50/70 % malignant), "
         "tf_efficientnetv2_b0 hybrid at 64 px, FedAvg, 5 rounds of 1 local epoch",
-        {"federation.num-sites": 3, "federation.rounds": 5, "train.local-epochs": 1},
+        {},  # the RunConfig defaults are this scenario
     ),
     "synthetic-tiny": Scenario(
         "smoke test: 2 synthetic hospitals, tiny test backbone at 32 px, 1 round, seconds",
