@@ -21,6 +21,12 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _registered(value: str, registry: Mapping[str, Any], what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} '{value}' (choose from {', '.join(registry)})")
+    return value
+
+
 class _Section(BaseModel):
     """Base for every section: unknown keys rejected, kebab-case aliases, immutable."""
 
@@ -45,9 +51,7 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone '{value}' (choose from {', '.join(BACKBONES)})")
-        return value
+        return _registered(value, BACKBONES, "backbone")
 
     @model_validator(mode="after")
     def _pretrained_needs_file(self) -> ModelConfig:
@@ -71,9 +75,7 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset '{value}' (choose from {', '.join(DATASETS)})")
-        return value
+        return _registered(value, DATASETS, "dataset")
 
 
 class TrainConfig(_Section):

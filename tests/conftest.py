@@ -22,3 +22,12 @@ def _one_thread() -> None:
 @pytest.fixture
 def tiny_cfg() -> RunConfig:
     return RunConfig().override(TINY)
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower Messages built outside a running task need a task identity (a ServerApp process has one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)

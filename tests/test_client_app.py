@@ -11,12 +11,7 @@ from common.model import build_model
 from common.weights import WeightMismatchError
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _call(fn, cfg, arrays: ArrayRecord, message_type: str, partition: int = 1) -> Message:

@@ -11,13 +11,7 @@ from common.config import FederationConfig
 from server.strategy import build_strategy
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages outside a running Flower task need an identity (the ServerApp process has one)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _state(value: float, steps: int) -> dict[str, np.ndarray]:
