@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.data import DataLoader
+
 from common.config import TrainConfig
-from common.datasets import SiteSplit
+from common.datasets.splits import SiteSplit, collate_skipping
 from common.metrics import DEFAULT_BINS, confusion_matrix, score_histograms
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -32,6 +34,7 @@ class TrainResult:
     loss: float
     num_examples: int
     seconds: float
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class EvalResult:
     num_examples: int
     confusion: np.ndarray  # K x K
     histograms: np.ndarray  # K x 2 x bins
+    skipped: int = 0
 
 
 def select_device(name: str) -> torch.device:
@@ -85,10 +89,15 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+def make_loader(
+    data: SiteSplit, batch_size: int, *, seed: int | None, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Batches of (uint8 B x H x W x 3, labels, skipped); shuffled from seed when given."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=seed is not None, generator=gen, num_workers=num_workers,
+        pin_memory=pin_memory, collate_fn=collate_skipping, persistent_workers=False,
+    )
 
 
 def train_local(
@@ -102,45 +111,54 @@ def train_local(
     model.train()
     opt = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    total, seen, start = 0.0, 0, time.perf_counter()
+    loader = make_loader(data, cfg.batch_size, seed=seed, num_workers=cfg.num_workers,
+                         pin_memory=device.type == "cuda")
+    total, seen, skipped, start = 0.0, 0, 0, time.perf_counter()
     for _ in range(cfg.local_epochs):
-        for idx in _batches(len(data), cfg.batch_size, gen):
-            if idx.numel() < 2:  # a lone sample breaks BatchNorm statistics
+        for images, labels, lost in loader:
+            skipped += lost
+            if labels.numel() < 2:  # a lone sample breaks BatchNorm statistics
                 continue
-            x = augment(to_input(images[idx], device), gen)
-            y = labels[idx].to(device)
+            x = augment(to_input(images, device), gen)
+            y = labels.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach()) * idx.numel()
-            seen += idx.numel()
-    return TrainResult(loss=total / max(seen, 1), num_examples=len(data), seconds=time.perf_counter() - start)
+            total += float(loss.detach()) * labels.numel()
+            seen += labels.numel()
+    if seen == 0:
+        raise ValueError(f"no readable training images on this site ({skipped} unreadable)")
+    return TrainResult(loss=total / seen, num_examples=len(data), seconds=time.perf_counter() - start,
+                       skipped=skipped // cfg.local_epochs)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: SiteSplit, device: torch.device, *, batch_size: int = 128, amp: bool = True,
-    bins: int = DEFAULT_BINS,
+    num_workers: int = 0, bins: int = DEFAULT_BINS,
 ) -> EvalResult:
-    """Loss, confusion counts and score histograms on a split."""
+    """Loss, confusion counts and score histograms on a split (unreadable images skipped, counted)."""
     model.eval()
     num_classes = model.classifier.out_features
-    probs, total = [], 0.0
-    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    for idx in _batches(len(data), batch_size, None):
+    probs, ys, total, skipped = [], [], 0.0, 0
+    for images, labels, lost in make_loader(data, batch_size, seed=None, num_workers=num_workers):
+        skipped += lost
+        if labels.numel() == 0:
+            continue
         with _autocast(device, amp):
-            logits = model(to_input(images[idx], device)).float()
-        total += float(F.cross_entropy(logits, labels[idx].to(device), reduction="sum"))
+            logits = model(to_input(images, device)).float()
+        total += float(F.cross_entropy(logits, labels.to(device), reduction="sum"))
         probs.append(torch.softmax(logits, dim=1).cpu())
+        ys.append(labels)
     p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
-    y = data.labels
+    y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     return EvalResult(
-        loss=total / max(len(data), 1),
-        num_examples=len(data),
-        confusion=confusion_matrix(y, p.argmax(axis=1) if len(p) else y, num_classes),
+        loss=total / max(len(y), 1),
+        num_examples=len(y),
+        confusion=confusion_matrix(y, p.argmax(axis=1), num_classes),
         histograms=score_histograms(y, p, bins),
+        skipped=skipped,
     )

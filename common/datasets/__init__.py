@@ -1,22 +1,13 @@
-"""Dataset registry: name → module exposing the same site-data API (FLamby style, no string imports)."""
+"""Dataset registry and the split types every dataset returns (FLamby style, looked up by name)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
+from common.datasets.splits import ArraySplit, FileSplit, SiteSplit
 
-
-@dataclass(frozen=True)
-class SiteSplit:
-    """One site's images (N x H x W x 3, uint8) and integer labels for one split."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+__all__ = ["ArraySplit", "DATASETS", "DatasetEntry", "FileSplit", "SiteSplit", "get_dataset"]
 
 
 @dataclass(frozen=True)

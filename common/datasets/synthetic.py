@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.datasets import SiteSplit
+from common.datasets.splits import ArraySplit
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -84,7 +84,7 @@ def hospital(site: int, num_sites: int, seed: int) -> Hospital:
     )
 
 
-def load_split(cfg: RunConfig, site: int, split: str) -> SiteSplit:
+def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
     """One site's synthetic split, generated deterministically from the config's seed."""
     n = cfg.data.train_per_site if split == "train" else cfg.data.test_per_site
     return generate(
@@ -101,7 +101,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> SiteSplit:
 @functools.lru_cache(maxsize=16)
 def generate(
     *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int
-) -> SiteSplit:
+) -> ArraySplit:
     """Render n patches for a site and split; cached per process (rounds reuse it)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
@@ -111,7 +111,7 @@ def generate(
     subtype = np.where(malignant, rng.integers(4, 8, n), rng.integers(0, 4, n))
     images = np.stack([render(rng, image_size, SUBTYPES[s], hosp) for s in subtype])
     labels = subtype if num_classes == 8 else malignant.astype(np.int64)
-    return SiteSplit(images=images, labels=labels.astype(np.int64))
+    return ArraySplit(images, labels.astype(np.int64))
 
 
 def render(rng: np.random.Generator, size: int, morph: Morphology, hosp: Hospital) -> np.ndarray:

@@ -1,0 +1,76 @@
+"""Split types: in-memory arrays (synthetic) and lazily read image files (real datasets)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.datasets.images import BadImageError, read_rgb, to_square
+
+log = logging.getLogger(__name__)
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class SiteSplit(Dataset):
+    """One site's split: item i is (uint8 H x W x 3 image or None if unreadable, label)."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class ArraySplit(SiteSplit):
+    """Images already in memory (N x H x W x 3 uint8)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Transform | None = None) -> None:
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int]:
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+class FileSplit(SiteSplit):
+    """Image files read on demand, converted to RGB and resized/cropped to image_size.
+
+    Unreadable files yield None (skipped and counted by the loader) unless strict, which raises.
+    """
+
+    def __init__(
+        self, root: Path, paths: Sequence[str], labels: Sequence[int], image_size: int, *,
+        strict: bool = False, transform: Transform | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.image_size = image_size
+        self.strict = strict
+        self.transform = transform
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int]:
+        try:
+            image = to_square(read_rgb(self.root / self.paths[i]), self.image_size)
+        except BadImageError as err:
+            if self.strict:
+                raise
+            log.warning("skipping unreadable image: %s", err)
+            return None, int(self.labels[i])
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def collate_skipping(batch: list[tuple[np.ndarray | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack readable images into B x H x W x 3 uint8 and labels; count the skipped ones."""
+    good = [(img, lab) for img, lab in batch if img is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    images = torch.from_numpy(np.stack([img for img, _ in good]))
+    return images, torch.tensor([lab for _, lab in good], dtype=torch.int64), skipped
