@@ -64,18 +64,55 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Which dataset feeds the sites and how much of it."""
+    """Which dataset feeds the sites, how it is split and partitioned, and stain handling."""
 
     dataset: str = Field("synthetic", description="dataset registry name")
     root: str = Field("", description="dataset root on disk (real datasets)")
     train_per_site: int = Field(384, gt=0, description="synthetic: training patches per site")
     test_per_site: int = Field(192, gt=0, description="synthetic: held-out test patches per site")
-    seed: int = Field(0, ge=0, description="data generation / split seed")
+    seed: int = Field(0, ge=0, description="data generation / split / partition seed")
+    magnifications: str = Field("200X", description="BreakHis: comma-separated subset of 40X,100X,200X,400X")
+    partition: Literal["iid", "label-skew", "quantity-skew"] = Field(
+        "iid", description="BreakHis: how patients are dealt to sites"
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0.0, description="label/quantity skew strength (smaller = more skew)")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for validation")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of patients held out for test")
+    centers: str = Field("0,1,2,3,4", description="Camelyon17: centers used as sites, in site order")
+    max_per_site: int = Field(0, ge=0, description="subsample each site's split to at most N images (0 = all)")
+    strict: bool = Field(False, description="fail on an unreadable image instead of skipping and counting it")
+    stain_normalize: Literal["none", "macenko"] = Field("none", description="per-image stain normalisation")
+    stain_reference: str = Field("", description="reference patch for Macenko ('' = torchstain's reference)")
+    stain_augment: float = Field(0.0, ge=0.0, le=1.0, description="H&E (HED) jitter strength in training (0 = off)")
+    cache_dir: str = Field("", description="where dataset indexes are cached ('' = ~/.cache/histofed)")
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
         return _registered(value, DATASETS, "dataset")
+
+    @field_validator("magnifications")
+    @classmethod
+    def _known_magnifications(cls, value: str) -> str:
+        mags = [m.strip().upper() for m in value.split(",") if m.strip()]
+        bad = [m for m in mags if m not in ("40X", "100X", "200X", "400X")]
+        if not mags or bad:
+            raise ValueError(f"magnifications must be a subset of 40X,100X,200X,400X (got '{value}')")
+        return ",".join(mags)
+
+    @field_validator("centers")
+    @classmethod
+    def _known_centers(cls, value: str) -> str:
+        parts = [c.strip() for c in value.split(",") if c.strip()]
+        if not parts or any(c not in "01234" or len(c) != 1 for c in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"centers must be distinct values from 0-4, comma-separated (got '{value}')")
+        return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.val-fraction + data.test-fraction must be below 1")
+        return self
 
 
 class TrainConfig(_Section):

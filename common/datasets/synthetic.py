@@ -86,8 +86,10 @@ def hospital(site: int, num_sites: int, seed: int) -> Hospital:
 
 def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
     """One site's synthetic split, generated deterministically from the config's seed."""
+    from common.stain import stain_transform
+
     n = cfg.data.train_per_site if split == "train" else cfg.data.test_per_site
-    return generate(
+    data = generate(
         site=site,
         num_sites=cfg.federation.num_sites,
         split=split,
@@ -96,6 +98,8 @@ def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
         num_classes=cfg.model.num_classes,
         seed=cfg.data.seed,
     )
+    transform = stain_transform(cfg.data, train=split == "train")
+    return ArraySplit(data.images, data.labels, transform) if transform else data
 
 
 @functools.lru_cache(maxsize=16)
