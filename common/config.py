@@ -194,6 +194,15 @@ class RunConfig(_Section):
         except ValidationError as err:
             raise ConfigError(_one_line(err, nested)) from None
 
+    def with_sites(self, num_sites: int) -> RunConfig:
+        """Set federation.num-sites, capping the minimum-site settings at it."""
+        fed = self.federation
+        pairs: dict[str, Any] = {"federation.num-sites": num_sites}
+        if num_sites > 0:
+            for key in ("min_train_sites", "min_evaluate_sites", "min_available_sites"):
+                pairs[f"federation.{_kebab(key)}"] = min(getattr(fed, key), num_sites)
+        return self.override(pairs)
+
     def override(self, pairs: Mapping[str, Any]) -> RunConfig:
         """Return a new config with flat 'section.key' overrides applied and validated."""
         flat: dict[str, Any] = dict(self.to_flat())

@@ -8,6 +8,7 @@ concentrations (Ruifrok & Johnston colour deconvolution) are scaled by 1±σ and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,9 +37,14 @@ class MacenkoTransform:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         try:
-            out, _, _ = self.normalizer.normalize(I=image, stains=False)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out, _, _ = self.normalizer.normalize(I=image, stains=False)
         except (np.linalg.LinAlgError, ValueError, IndexError):
             return image  # e.g. a blank patch with too little tissue to estimate stains
+        out = np.asarray(out, dtype=np.float64)
+        if not np.isfinite(out).all():
+            return image
         return np.ascontiguousarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
@@ -52,7 +58,7 @@ class HedJitter:
         od = -np.log((image.astype(np.float64) + 1.0) / 256.0)
         hed = od.reshape(-1, 3) @ HED_FROM_RGB
         draws = torch.rand(6).numpy() * 2.0 - 1.0
-        alpha, beta = 1.0 + self.sigma * draws[:3], self.sigma * draws[3:] * 0.1
+        alpha, beta = 1.0 + self.sigma * draws[:3], self.sigma * draws[3:]
         od_new = (hed * alpha + beta) @ RGB_FROM_HED
         rgb = 256.0 * np.exp(-od_new) - 1.0
         return np.clip(rgb, 0, 255).astype(np.uint8).reshape(image.shape)

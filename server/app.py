@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.config import RunConfig
-from common.datasets import get_dataset
+from common.datasets import data_kind
 from common.model import build_model
 from server.rounds import RoundRecorder
 from server.rundir import RunDirectory
@@ -22,7 +22,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config once, run the federation, record status even on failure."""
     cfg = RunConfig.from_flat(context.run_config)
-    run = RunDirectory.for_config(cfg, synthetic=get_dataset(cfg.data.dataset).synthetic)
+    run = RunDirectory.for_config(cfg, data_kind=data_kind(cfg.data.dataset, cfg.data.root))
     log(INFO, "histofed run directory: %s (%s data)", run.path, run.data_kind)
     try:
         recorder = _federate(grid, cfg, run)

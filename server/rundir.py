@@ -35,9 +35,9 @@ def _clean(value: Any) -> Any:
 class RunDirectory:
     """Writes one run's artefacts; every file says whether the data was synthetic."""
 
-    def __init__(self, path: Path, cfg: RunConfig, *, synthetic: bool) -> None:
+    def __init__(self, path: Path, cfg: RunConfig, *, data_kind: str) -> None:
         self.path = path
-        self.synthetic = synthetic
+        self.data_kind = data_kind
         self.started = time.time()
         path.mkdir(parents=True, exist_ok=True)
         (path / METRICS_FILE).write_text("")
@@ -45,15 +45,11 @@ class RunDirectory:
         self.status("running")
 
     @classmethod
-    def for_config(cls, cfg: RunConfig, *, synthetic: bool) -> RunDirectory:
+    def for_config(cls, cfg: RunConfig, *, data_kind: str) -> RunDirectory:
         """The configured run directory, or ./runs/<UTC timestamp>."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         path = Path(cfg.output.run_dir) if cfg.output.run_dir else Path.cwd() / "runs" / stamp
-        return cls(path.resolve(), cfg, synthetic=synthetic)
-
-    @property
-    def data_kind(self) -> str:
-        return "synthetic" if self.synthetic else "real"
+        return cls(path.resolve(), cfg, data_kind=data_kind)
 
     def log_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's metrics as a JSON line."""

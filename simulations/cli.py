@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.config import ConfigError, RunConfig, parse_assignments
+from common.datasets import get_dataset
+from common.datasets.report import DatasetLayoutError
 from simulations import display
 from simulations.runner import (
     SimulationError, SimulationPlan, find_app_dir, read_history, run_simulation,
@@ -27,12 +31,27 @@ app = typer.Typer(
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the metrics table
     console.width = 150
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The command-line choices of `flower-sim run`, before validation."""
+
+    scenario: str
+    rounds: int | None = None
+    sites: int | None = None
+    sets: tuple[str, ...] = ()
+    data_root: Path | None = None
+    run_dir: Path | None = None
+    cpus_per_site: int | None = None
+    gpus_per_site: float | None = None
+    timeout: float = 3600.0
 
 
 @app.command()
@@ -41,15 +60,17 @@ def run(
     rounds: Annotated[Optional[int], typer.Option(help="federated rounds")] = None,
     sites: Annotated[Optional[int], typer.Option(help="number of simulated hospitals")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset root on disk (BreakHis / Camelyon17 scenarios)")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<scenario>-<time>)")] = None,
     cpus_per_site: Annotated[Optional[int], typer.Option(help="cores per site; default: all sites at once, cores shared")] = None,
     gpus_per_site: Annotated[Optional[float], typer.Option(help="GPU share per site (default: 1/sites if CUDA)")] = None,
     timeout: Annotated[float, typer.Option(help="wall-clock limit in seconds")] = 3600.0,
 ) -> None:
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
+    options = RunOptions(scenario, rounds, sites, tuple(set_ or ()), data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
     try:
-        plan = _plan(scenario, rounds, sites, set_ or [], run_dir, cpus_per_site, gpus_per_site, timeout)
-    except (ConfigError, SimulationError) as err:
+        plan = _plan(options)
+    except (ConfigError, SimulationError, DatasetLayoutError, FileNotFoundError) as err:
         _fail(str(err))
     sys.exit(_execute(plan, scenario))
 
@@ -61,40 +82,68 @@ def scenarios() -> None:
         console.print(f"[bold]{name}[/bold]{' (default)' if name == DEFAULT_SCENARIO else ''}: {sc.description}")
 
 
-def _plan(
-    scenario: str, rounds: int | None, sites: int | None, sets: list[str], run_dir: Path | None,
-    cpus: int | None, gpus: float | None, timeout: float,
-) -> SimulationPlan:
-    cfg = get_scenario(scenario).config()
-    overrides: dict[str, object] = {}
-    if rounds is not None:
-        overrides["federation.rounds"] = rounds
-    if sites is not None:
-        overrides["federation.num-sites"] = sites
-        for key in ("min-train-sites", "min-evaluate-sites", "min-available-sites"):
-            overrides[f"federation.{key}"] = min(sites, cfg.to_flat()[f"federation.{key}"]) if sites > 0 else 1
-    user = parse_assignments(sets)
-    cfg = cfg.override({**overrides, **user})
+@app.command()
+def fixture(
+    dataset: Annotated[str, typer.Argument(help="breakhis or camelyon17")],
+    out: Annotated[Path, typer.Argument(help="folder to write the tree into")],
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+) -> None:
+    """Write a small SYNTHETIC tree in a real dataset's on-disk layout, to try the readers without the data."""
+    try:
+        writer = get_dataset(dataset).write_fixture
+    except KeyError as err:
+        _fail(str(err.args[0]))
+    if writer is None:
+        _fail(f"dataset '{dataset}' has no on-disk layout to write")
+    path = writer(out.expanduser().resolve(), seed=seed)
+    console.print(f"wrote a synthetic {dataset} tree (real layout, synthetic images) to {path}", highlight=False)
+
+
+def _plan(opt: RunOptions) -> SimulationPlan:
+    cfg = get_scenario(opt.scenario).config()
+    if opt.sites is not None:
+        cfg = cfg.with_sites(opt.sites)
+    if opt.rounds is not None:
+        cfg = cfg.override({"federation.rounds": opt.rounds})
+    if opt.data_root is not None:
+        cfg = cfg.override({"data.root": str(opt.data_root.expanduser().resolve())})
+    user = parse_assignments(opt.sets)
+    cfg = cfg.override(user)
+    entry = get_dataset(cfg.data.dataset)
+    if not entry.synthetic and not cfg.data.root:
+        raise ConfigError(f"scenario '{opt.scenario}' reads {cfg.data.dataset} from disk: pass --data-root PATH")
     cores, num_sites = os.cpu_count() or 1, cfg.federation.num_sites
-    if cpus is not None and cpus <= 0:
-        raise ConfigError(f"--cpus-per-site must be > 0 (got {cpus})")
+    if opt.cpus_per_site is not None and opt.cpus_per_site <= 0:
+        raise ConfigError(f"--cpus-per-site must be > 0 (got {opt.cpus_per_site})")
     # Default: every site trains at once (Ray told there are >= num_sites CPUs), threads split the cores.
-    ray_cpus = cores if cpus is not None else max(cores, num_sites)
-    threads = cpus if cpus is not None else max(1, cores // num_sites)
+    ray_cpus = cores if opt.cpus_per_site is not None else max(cores, num_sites)
+    threads = opt.cpus_per_site or max(1, cores // num_sites)
     if "train.num-threads" not in user:
         cfg = cfg.override({"train.num-threads": threads})
-    if cfg.model.pretrained_path:  # the ServerApp runs elsewhere: pass an absolute, existing path
-        weights = Path(cfg.model.pretrained_path).expanduser().resolve()
-        if not weights.is_file():
-            raise ConfigError(f"model.pretrained-path: file not found: {weights}")
-        cfg = cfg.override({"model.pretrained-path": str(weights)})
+    cfg = _absolute_paths(cfg)
+    partition = entry.partition(cfg)  # also validates the data root before anything starts
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = (run_dir or Path("runs") / f"{scenario}-{stamp}").resolve()
+    path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"run directory {path} exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)
+    (path / "partition.json").write_text(json.dumps(partition, indent=1))
     cfg = cfg.override({"output.run-dir": str(path)})
-    return SimulationPlan(cfg, path, find_app_dir(), cpus or 1, ray_cpus, _gpu_share(gpus, cfg), timeout)
+    return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
+                          _gpu_share(opt.gpus_per_site, cfg), opt.timeout)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The ServerApp and ClientApps run in other folders: pass absolute, existing file paths."""
+    out: dict[str, str] = {}
+    for key in ("model.pretrained-path", "data.stain-reference"):
+        value = cfg.to_flat()[key]
+        if value:
+            path = Path(str(value)).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: file not found: {path}")
+            out[key] = str(path)
+    return cfg.override(out) if out else cfg
 
 
 def _gpu_share(requested: float | None, cfg: RunConfig) -> float:

@@ -28,6 +28,18 @@ SCENARIOS: dict[str, Scenario] = {
         "tf_efficientnetv2_b0 hybrid at 64 px, FedAvg, 5 rounds of 1 local epoch",
         {},  # the RunConfig defaults are this scenario
     ),
+    "breakhis-4sites": Scenario(
+        "BreakHis 200X on disk (--data-root), binary, patients dealt to 4 simulated hospitals, "
+        "patient-disjoint train/val/test inside each, 224 px, 10 rounds",
+        {"data.dataset": "breakhis", "federation.num-sites": 4, "model.image-size": 224,
+         "federation.rounds": 10, "train.num-workers": 2},
+    ),
+    "camelyon17-5centers": Scenario(
+        "Camelyon17-WILDS on disk (--data-root): each of the 5 centers is a hospital, 96 px patches, "
+        "at most 5,000 per site and split, 10 rounds",
+        {"data.dataset": "camelyon17", "federation.num-sites": 5, "data.centers": "0,1,2,3,4",
+         "model.image-size": 96, "data.max-per-site": 5000, "federation.rounds": 10, "train.num-workers": 2},
+    ),
     "synthetic-tiny": Scenario(
         "smoke test: 2 synthetic hospitals, tiny test backbone at 32 px, 1 round, seconds",
         {

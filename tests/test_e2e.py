@@ -75,3 +75,28 @@ def test_failed_run_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
     assert "pretrained file" in result.stderr and "conv_stem.weight" in result.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
     assert not _leftovers(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "dataset", "extra"),
+    [("breakhis-4sites", "breakhis", []), ("camelyon17-5centers", "camelyon17", [])],
+)
+def test_real_layout_scenarios_complete_one_round(tmp_path: Path, scenario: str, dataset: str, extra: list[str]) -> None:
+    from common.datasets import get_dataset
+
+    root = get_dataset(dataset).write_fixture(tmp_path / "data", seed=0)
+    tiny = ["model.backbone=test_efficientnet", "model.image-size=32", "model.token-dim=8", "model.hidden-size=8",
+            "train.num-workers=0", "train.batch-size=8", f"data.cache-dir={tmp_path / 'cache'}"]
+    args = [a for kv in tiny for a in ("--set", kv)]
+    result = subprocess.run(
+        [FLOWER_SIM, "run", scenario, "--data-root", str(root), "--rounds", "1", "--run-dir", str(tmp_path / "run"),
+         *args, *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "run"
+    partition = json.loads((run / "partition.json").read_text())
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["round"] for ln in lines] == [0, 1] and lines[-1]["data-kind"] == "synthetic"  # fixture tree
+    assert sorted(lines[-1]["sites"]) == sorted(partition["sites"])
+    assert not _leftovers(run)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.datasets.report import SplitSummary
 from common.datasets.splits import ArraySplit
 
 if TYPE_CHECKING:
@@ -67,6 +68,26 @@ class Hospital:
 def site_names(cfg: RunConfig) -> list[str]:
     """Names of the simulated hospitals."""
     return [f"synthetic-hospital-{i}" for i in range(cfg.federation.num_sites)]
+
+
+def partition(cfg: RunConfig) -> dict:
+    """Audit record of the simulated hospitals (generated, so no patients to deal out)."""
+    sites = {}
+    for i, name in enumerate(site_names(cfg)):
+        h = hospital(i, cfg.federation.num_sites, cfg.data.seed)
+        sites[name] = {"malignant-fraction": round(h.malignant_fraction, 3), "h-scale": round(h.h_scale, 3),
+                       "e-scale": round(h.e_scale, 3), "train": cfg.data.train_per_site, "test": cfg.data.test_per_site}
+    return {"dataset": "synthetic", "seed": cfg.data.seed, "sites": sites}
+
+
+def check(cfg: RunConfig) -> list[SplitSummary]:
+    """Per site and split: images per class (synthetic: generated, nothing unreadable, no patients)."""
+    out = []
+    for i, name in enumerate(site_names(cfg)):
+        for split in SPLITS:
+            counts = np.bincount(load_split(cfg, i, split).labels, minlength=cfg.model.num_classes)
+            out.append(SplitSummary(name, split, {k: int(v) for k, v in enumerate(counts)}, patients=0))
+    return out
 
 
 def hospital(site: int, num_sites: int, seed: int) -> Hospital:

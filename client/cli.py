@@ -1,0 +1,97 @@
+"""`flower-client`: the hospital's command line (check-data validates a data root before a hospital joins)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError, RunConfig, parse_assignments
+from common.datasets import DATASETS, data_kind, get_dataset
+from common.datasets.images import BadImageError
+from common.datasets.report import DatasetLayoutError, SplitSummary
+
+REQUIRED_SPLITS = ("train", "test")
+app = typer.Typer(help="histofed hospital-side commands.", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+if not console.is_terminal:
+    console.width = 150
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _group() -> None:
+    """histofed hospital-side commands."""
+
+
+@app.command("check-data")
+def check_data(
+    dataset: Annotated[str, typer.Option(help=f"one of: {', '.join(DATASETS)}")] = "synthetic",
+    root: Annotated[Optional[Path], typer.Option(help="data root (BreaKHis_v1 or camelyon17_v1.0 folder)")] = None,
+    site: Annotated[Optional[str], typer.Option(help="only this site")] = None,
+    sites: Annotated[Optional[int], typer.Option(help="number of sites to partition into (BreakHis, synthetic)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value")] = None,
+) -> None:
+    """Per site and split: images per class, patients, unreadable files; non-zero exit if the data is unusable."""
+    try:
+        cfg = _config(dataset, root, sites, set_ or [])
+        summaries = get_dataset(cfg.data.dataset).check(cfg)
+    except (ConfigError, DatasetLayoutError, BadImageError, FileNotFoundError, ValueError) as err:
+        _fail(str(err), 1)
+    if site is not None:
+        summaries = [s for s in summaries if s.site == site]
+        if not summaries:
+            _fail(f"no site named '{site}' in this data", 1)
+    console.print(_table(summaries, cfg))
+    empty = [f"{s.site}/{s.split}" for s in summaries if s.images == 0 and s.split in REQUIRED_SPLITS]
+    no_val = [s.site for s in summaries if s.images == 0 and s.split not in REQUIRED_SPLITS]
+    if no_val:
+        err_console.print(f"[yellow]note:[/yellow] no validation images at {', '.join(no_val)} (too few patients)")
+    bad = sum(len(s.unreadable) for s in summaries)
+    if bad:
+        first = next(u for s in summaries for u in s.unreadable)
+        message = f"{bad} unreadable image(s), first: {first}"
+        if cfg.data.strict:
+            _fail(message + " (data.strict=true)", 1)
+        err_console.print(f"[yellow]warning:[/yellow] {message} — they will be skipped and counted", highlight=False)
+    if empty:
+        _fail(f"no images in {', '.join(empty)}", 1)
+    console.print(f"[green]ok[/green]: {sum(s.images for s in summaries)} images in {len({s.site for s in summaries})} site(s)")
+
+
+def _config(dataset: str, root: Path | None, sites: int | None, sets: list[str]) -> RunConfig:
+    pairs: dict[str, str] = {"data.dataset": dataset}
+    if root is not None:
+        pairs["data.root"] = str(root.expanduser().resolve())
+    cfg = RunConfig().override({**pairs, **parse_assignments(sets)})
+    if not get_dataset(cfg.data.dataset).synthetic and not cfg.data.root:
+        raise ConfigError(f"--root is required for {cfg.data.dataset}")
+    fixed = get_dataset(cfg.data.dataset).default_num_sites
+    if sites is None:  # as many sites as the data defines (e.g. Camelyon17 centers), else the config's
+        sites = fixed(cfg) if fixed else cfg.federation.num_sites
+    return cfg.with_sites(sites)
+
+
+def _table(summaries: list[SplitSummary], cfg: RunConfig) -> Table:
+    kind = f"{cfg.data.dataset} ({data_kind(cfg.data.dataset, cfg.data.root).upper()} images)"
+    table = Table(title=f"data check — {kind}", title_justify="left")
+    for name in ("site", "split", "images", "per class", "patients", "unreadable"):
+        table.add_column(name, justify="left" if name in ("site", "split", "per class") else "right")
+    for s in summaries:
+        per_class = " ".join(f"{k}:{v}" for k, v in s.images_per_class.items())
+        table.add_row(s.site, s.split, str(s.images), per_class, str(s.patients or "—"), str(len(s.unreadable)))
+    return table
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

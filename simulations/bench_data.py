@@ -1,0 +1,83 @@
+"""Benchmark: input-pipeline img/s (per DataLoader worker) vs the CPU training step, on Camelyon17-layout PNGs.
+
+Usage: python -m simulations.bench_data [--patches 1536] [--image-size 96] [--workers 0,1,2]
+Prints a table and writes JSON (--out). Images are SYNTHETIC patches in the real on-disk layout.
+Loading is not the bottleneck when one worker delivers more img/s than a training step consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import RunConfig
+from common.datasets import get_dataset
+from common.model import build_model
+from common.training import OPTIMIZERS, make_loader, prepare, to_input
+
+
+def loader_rate(cfg: RunConfig, workers: int, batch_size: int) -> float:
+    """Images per second a DataLoader with `workers` processes delivers (one full pass, warm cache)."""
+    split = get_dataset("camelyon17").load_split(cfg, 0, "train")
+    loader = make_loader(split, batch_size, seed=0, num_workers=workers)
+    start, seen = time.perf_counter(), 0
+    for images, _, _ in loader:
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def train_rate(cfg: RunConfig, batch_size: int, steps: int = 6) -> float:
+    """Images per second of the hybrid's CPU training step (forward, backward, AdamW)."""
+    model = prepare(build_model(cfg.model), torch.device("cpu"))
+    opt = OPTIMIZERS["adamw"](model.parameters(), 1e-3, 0.0)
+    x = torch.randint(0, 255, (batch_size, cfg.model.image_size, cfg.model.image_size, 3), dtype=torch.uint8)
+    y = torch.randint(0, 2, (batch_size,))
+    for i in range(steps + 2):
+        if i == 2:
+            start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(to_input(x, torch.device("cpu"))), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=int, default=1536, help="patches in the fixture (all in site 0)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = get_dataset("camelyon17").write_fixture(
+            Path(tmp), patients_per_center=2, nodes_per_patient=1, patches_per_node=max(1, args.patches // 2)
+        )
+        cfg = RunConfig().override({
+            "data.root": str(root), "data.centers": "0", "federation.num-sites": 1,
+            "federation.min-train-sites": 1, "federation.min-evaluate-sites": 1, "federation.min-available-sites": 1,
+            "data.val-fraction": 0.0, "data.test-fraction": 0.5, "model.image-size": args.image_size,
+            "data.cache-dir": str(Path(tmp) / "cache"),
+        })
+        result = {"image-size": args.image_size, "batch-size": args.batch_size, "data-kind": "synthetic",
+                  "train-step-img-s (1 thread)": round(train_rate(cfg, args.batch_size), 1)}
+        for w in (int(v) for v in args.workers.split(",")):
+            result[f"loader-img-s ({w} workers)"] = round(loader_rate(cfg, w, args.batch_size), 1)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
