@@ -14,7 +14,7 @@ from common.datasets import get_dataset
 from common.model import HybridEffNetGRU, build_model
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
-from client.site import Site, resolve_site
+from client.site import Site, node_view
 
 app = ClientApp()
 
@@ -26,9 +26,7 @@ def _architecture(cfg: ModelConfig) -> HybridEffNetGRU:
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, HybridEffNetGRU, torch.device]:
-    cfg = RunConfig.from_flat(context.run_config)
-    names = get_dataset(cfg.data.dataset).site_names(cfg)
-    site = resolve_site(context.node_config, names)
+    cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
@@ -52,7 +50,8 @@ def train(msg: Message, context: Context) -> Message:
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train")
     seed = cfg.train.seed * 1_000_003 + server_round * 1009 + site.index
     result = train_local(model, data, cfg.train, device, seed=seed)
-    metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds}
+    metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
+               P.SKIPPED: result.skipped}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return _reply(msg, site, metrics, ArrayRecord(state))
 
@@ -62,5 +61,5 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and score histograms on the site's held-out test split."""
     cfg, site, model, device = _setup(msg, context)
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "test")
-    result = evaluate(model, data, device, amp=cfg.train.amp)
+    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers)
     return _reply(msg, site, P.encode_eval(result))

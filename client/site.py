@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.config import RunConfig
+from common.datasets import get_dataset
+
 
 @dataclass(frozen=True)
 class Site:
@@ -32,3 +35,20 @@ def resolve_site(node_config: Mapping[str, Any], names: list[str]) -> Site:
     if not 0 <= index < len(names):
         raise ValueError(f"partition-id {index} is outside 0..{len(names) - 1}")
     return Site(index, names[index])
+
+
+def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig, Site]:
+    """This node's config and site: node-config `data.*` keys override the run's.
+
+    A node that names its own `data.root` is one whole hospital (deployment): its data is split into
+    train/val/test on its own and it is site 0 of its own view, named by the node config's 'site'.
+    Otherwise the node is one site of the shared partition (simulation: Flower's partition-id).
+    """
+    local = {str(k): v for k, v in node_config.items() if str(k).startswith("data.")}
+    if local:
+        cfg = cfg.override(local)
+    entry = get_dataset(cfg.data.dataset)
+    if "data.root" in local:
+        cfg = cfg.with_sites(entry.default_num_sites(cfg) if entry.default_num_sites else 1)
+        return cfg, Site(0, str(node_config.get("site", entry.site_names(cfg)[0])))
+    return cfg, resolve_site(node_config, entry.site_names(cfg))

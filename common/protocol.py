@@ -21,6 +21,7 @@ TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 CONFUSION = "confusion"
 SCORE_HIST = "score-hist"
+SKIPPED = "skipped-images"
 
 
 def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:
@@ -30,6 +31,7 @@ def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:
         NUM_EXAMPLES: int(result.num_examples),
         CONFUSION: [int(v) for v in result.confusion.ravel()],
         SCORE_HIST: [int(v) for v in result.histograms.ravel()],
+        SKIPPED: int(result.skipped),
     }
 
 

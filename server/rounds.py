@@ -30,7 +30,8 @@ def pooled_report(records: list[RecordDict], num_classes: int) -> dict[str, Any]
         m = _metrics(record)
         cm, hist = P.decode_counts(dict(m), num_classes)
         n = int(m[P.NUM_EXAMPLES])
-        sites[_site_name(record, i)] = {**compute_metrics(cm, hist), "loss": float(m[P.EVAL_LOSS])}
+        sites[_site_name(record, i)] = {**compute_metrics(cm, hist), "loss": float(m[P.EVAL_LOSS]),
+                                        "skipped-images": int(m.get(P.SKIPPED, 0))}
         total_cm = cm if total_cm is None else total_cm + cm
         total_hist = hist if total_hist is None else total_hist + hist
         loss_sum += float(m[P.EVAL_LOSS]) * n
@@ -54,7 +55,8 @@ class RoundRecorder:
         self._train = {
             _site_name(r, i): {"loss": float(_metrics(r)[P.TRAIN_LOSS]),
                                "seconds": float(_metrics(r)[P.TRAIN_SECONDS]),
-                               "examples": int(_metrics(r)[P.NUM_EXAMPLES])}
+                               "examples": int(_metrics(r)[P.NUM_EXAMPLES]),
+                               "skipped-images": int(_metrics(r).get(P.SKIPPED, 0))}
             for i, r in enumerate(records)
         }
         return aggregate_metricrecords(records, weighting_key)

@@ -64,3 +64,17 @@ def test_node_count_must_match_configured_sites(tiny_cfg) -> None:
     with pytest.raises(ValueError, match="3 nodes but federation.num-sites is 2"):
         resolve_site({"partition-id": 0, "num-partitions": 3}, ["a", "b"])
     assert resolve_site({"site": "b"}, ["a", "b"]).index == 1
+
+
+def test_a_node_with_its_own_data_root_is_one_whole_hospital(tiny_cfg, tmp_path) -> None:
+    from client.site import node_view
+    from common.datasets import get_dataset
+
+    root = get_dataset("breakhis").write_fixture(tmp_path / "hospital-a", size=(70, 46))
+    run_cfg = tiny_cfg.override({"data.dataset": "breakhis", "federation.num-sites": 2})
+    node_cfg = {"site": "hospital-a", "data.root": str(root), "data.cache-dir": str(tmp_path / "cache")}
+    cfg, site = node_view(run_cfg, node_cfg)
+    assert site.index == 0 and site.name == "hospital-a"
+    assert cfg.data.root == str(root) and cfg.federation.num_sites == 1
+    data = get_dataset("breakhis").load_split(cfg, site.index, "train")
+    assert len(data) > 0

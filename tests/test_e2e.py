@@ -99,4 +99,10 @@ def test_real_layout_scenarios_complete_one_round(tmp_path: Path, scenario: str,
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["round"] for ln in lines] == [0, 1] and lines[-1]["data-kind"] == "synthetic"  # fixture tree
     assert sorted(lines[-1]["sites"]) == sorted(partition["sites"])
+    owners: dict[str, str] = {}  # no patient in two sites or two splits, read from the saved partition
+    for site, splits in partition["sites"].items():
+        for split in ("train", "val", "test"):
+            for patient in splits[split]:
+                assert patient not in owners, f"{patient} in {owners.get(patient)} and {site}/{split}"
+                owners[patient] = f"{site}/{split}"
     assert not _leftovers(run)
