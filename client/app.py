@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
 from common.config import ModelConfig, RunConfig
 from common.datasets import get_dataset
-from common.model import HybridEffNetGRU, build_model
+from common.model import build_model
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -20,12 +21,12 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
-def _architecture(cfg: ModelConfig) -> HybridEffNetGRU:
+def _architecture(cfg: ModelConfig) -> nn.Module:
     """Build once per process; every message overwrites all weights strictly by key."""
     return build_model(cfg, load_pretrained=False)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, HybridEffNetGRU, torch.device]:
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, torch.device]:
     cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -52,7 +53,9 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(model, data, cfg.train, device, seed=seed)
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
                P.SKIPPED: result.skipped}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
+    state = {k: (v.detach().to(wire) if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items()}
     return _reply(msg, site, metrics, ArrayRecord(state))
 
 

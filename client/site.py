@@ -18,8 +18,9 @@ class Site:
     name: str
 
 
-def resolve_site(node_config: Mapping[str, Any], names: list[str]) -> Site:
-    """Map node config to a site: 'site' (name) if given, else Flower's 'partition-id'."""
+def resolve_site(node_config: Mapping[str, Any], names: list[str], training: list[int] | None = None) -> Site:
+    """Map node config to a site: 'site' (name) if given, else Flower's 'partition-id' over the training sites."""
+    training = list(range(len(names))) if training is None else training
     if "site" in node_config:
         name = str(node_config["site"])
         if name not in names:
@@ -27,14 +28,15 @@ def resolve_site(node_config: Mapping[str, Any], names: list[str]) -> Site:
         return Site(names.index(name), name)
     if "partition-id" not in node_config:
         raise ValueError("node config has neither 'site' nor 'partition-id'")
-    index, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(names)))
-    if parts != len(names):
+    index, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(training)))
+    if parts != len(training):
         raise ValueError(
-            f"the federation has {parts} nodes but federation.num-sites is {len(names)}"
+            f"the federation has {parts} nodes but {len(training)} training sites are configured "
+            f"(federation.num-sites {len(names)}, minus any holdout)"
         )
-    if not 0 <= index < len(names):
-        raise ValueError(f"partition-id {index} is outside 0..{len(names) - 1}")
-    return Site(index, names[index])
+    if not 0 <= index < len(training):
+        raise ValueError(f"partition-id {index} is outside 0..{len(training) - 1}")
+    return Site(training[index], names[training[index]])
 
 
 def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig, Site]:
@@ -51,4 +53,4 @@ def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig
     if "data.root" in local:
         cfg = cfg.with_sites(entry.default_num_sites(cfg) if entry.default_num_sites else 1)
         return cfg, Site(0, str(node_config.get("site", entry.site_names(cfg)[0])))
-    return cfg, resolve_site(node_config, entry.site_names(cfg))
+    return cfg, resolve_site(node_config, entry.site_names(cfg), cfg.federation.training_sites)

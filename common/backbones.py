@@ -1,4 +1,4 @@
-"""Registry of timm backbones the hybrid accepts, with the feature stages it taps (no timm import here)."""
+"""Registries of the hybrid's timm backbones and of the paper's baseline architectures (names only, no timm import)."""
 
 from __future__ import annotations
 
@@ -24,4 +24,23 @@ BACKBONES: dict[str, BackboneSpec] = {
     "test_efficientnet": BackboneSpec(
         "test_efficientnet", (2, 3, 4), "tiny EfficientNet for tests and smoke runs only"
     ),
+}
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A classifier choice: the hybrid, or one of the seed paper's baselines."""
+
+    source: str  # "hybrid", "timm" or "torchvision"
+    name: str
+    min_image_size: int
+    note: str
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "hybrid": ArchitectureSpec("hybrid", "", 32, "EfficientNetV2 + GRU + attention (the paper's model)"),
+    "alexnet": ArchitectureSpec("torchvision", "alexnet", 64, "paper baseline (torchvision; 57 M params)"),
+    "densenet121": ArchitectureSpec("timm", "densenet121", 32, "paper baseline"),
+    "mobilenetv3": ArchitectureSpec("timm", "mobilenetv3_large_100", 32, "paper baseline"),
+    "efficientnet_b0": ArchitectureSpec("timm", "efficientnet_b0", 32, "paper baseline"),
 }

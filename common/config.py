@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.backbones import BACKBONES
+from common.backbones import ARCHITECTURES, BACKBONES
 from common.datasets import DATASETS
 
 FlatValue = bool | int | float | str
@@ -38,6 +38,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The EfficientNetV2 → multi-scale tokens → GRU → attention → classifier hybrid."""
 
+    architecture: str = Field("hybrid", description="hybrid, or a paper baseline: alexnet, densenet121, mobilenetv3, efficientnet_b0")
     backbone: str = Field("tf_efficientnetv2_b0", description="timm backbone (see BACKBONES)")
     num_classes: Literal[2, 8] = Field(2, description="2 benign/malignant, 8 BreakHis subtypes")
     token_dim: int = Field(64, gt=0, description="width of each scale's 1x1 projection")
@@ -52,6 +53,20 @@ class ModelConfig(_Section):
     @classmethod
     def _known_backbone(cls, value: str) -> str:
         return _registered(value, BACKBONES, "backbone")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        return _registered(value, ARCHITECTURES, "architecture")
+
+    @model_validator(mode="after")
+    def _fits_architecture(self) -> ModelConfig:
+        spec = ARCHITECTURES[self.architecture]
+        if self.image_size < spec.min_image_size:
+            raise ValueError(f"{self.architecture} needs model.image-size >= {spec.min_image_size}")
+        if self.architecture != "hybrid" and (self.pretrained or self.pretrained_path):
+            raise ValueError("pretrained weights are supported for the hybrid's backbone only")
+        return self
 
     @model_validator(mode="after")
     def _pretrained_needs_file(self) -> ModelConfig:
@@ -143,14 +158,24 @@ class FederationConfig(_Section):
     min_evaluate_sites: int = Field(2, gt=0, description="minimum sites that evaluate")
     min_available_sites: int = Field(2, gt=0, description="sites to wait for before starting")
     round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds to wait for replies")
+    transfer_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of float arrays on the wire (float16 halves bytes; fp32 master weights stay on the server)")
+    holdout_site: int = Field(-1, ge=-1, description="site index kept out of training (-1 = none)")
+
+    @property
+    def training_sites(self) -> list[int]:
+        """Indices of the sites that take part (all but the held-out one)."""
+        return [i for i in range(self.num_sites) if i != self.holdout_site]
 
     @model_validator(mode="after")
     def _minimums_fit(self) -> FederationConfig:
+        if self.holdout_site >= self.num_sites:
+            raise ValueError(f"federation.holdout-site ({self.holdout_site}) must be below num-sites ({self.num_sites})")
+        taking_part = len(self.training_sites)
         for key in ("min_train_sites", "min_evaluate_sites", "min_available_sites"):
-            if getattr(self, key) > self.num_sites:
+            if getattr(self, key) > taking_part:
                 raise ValueError(
-                    f"federation.{_kebab(key)} ({getattr(self, key)}) exceeds "
-                    f"federation.num-sites ({self.num_sites})"
+                    f"federation.{_kebab(key)} ({getattr(self, key)}) exceeds the {taking_part} "
+                    "training sites (federation.num-sites minus any holdout)"
                 )
         return self
 
@@ -194,13 +219,15 @@ class RunConfig(_Section):
         except ValidationError as err:
             raise ConfigError(_one_line(err, nested)) from None
 
-    def with_sites(self, num_sites: int) -> RunConfig:
-        """Set federation.num-sites, capping the minimum-site settings at it."""
+    def with_sites(self, num_sites: int, holdout: int | None = None) -> RunConfig:
+        """Set federation.num-sites (and holdout-site), capping the minimum-site settings to fit."""
         fed = self.federation
-        pairs: dict[str, Any] = {"federation.num-sites": num_sites}
+        holdout = fed.holdout_site if holdout is None else holdout
+        pairs: dict[str, Any] = {"federation.num-sites": num_sites, "federation.holdout-site": holdout}
         if num_sites > 0:
+            taking_part = num_sites - (1 if 0 <= holdout < num_sites else 0)
             for key in ("min_train_sites", "min_evaluate_sites", "min_available_sites"):
-                pairs[f"federation.{_kebab(key)}"] = min(getattr(fed, key), num_sites)
+                pairs[f"federation.{_kebab(key)}"] = max(1, min(getattr(fed, key), taking_part))
         return self.override(pairs)
 
     def override(self, pairs: Mapping[str, Any]) -> RunConfig:

@@ -9,6 +9,9 @@ scores quantised to `bins` levels for AUC). Undefined ratios (0/0) are 0, as sci
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Protocol
+
 import numpy as np
 
 DEFAULT_BINS = 256
@@ -97,3 +100,31 @@ def compute_metrics(confusion: np.ndarray, histograms: np.ndarray | None = None)
         out.update({f"auc/{c}": float(aucs[c]) for c in range(k)})
     out["support"] = float(total)
     return out
+
+
+class SiteCounts(Protocol):
+    """What one site contributes to pooled metrics (an EvalResult, or counts decoded from a reply)."""
+
+    loss: float
+    num_examples: int
+    confusion: np.ndarray
+    histograms: np.ndarray
+    skipped: int
+
+
+def pooled_report(per_site: Mapping[str, SiteCounts]) -> dict[str, Any]:
+    """Global metrics from counts SUMMED over sites (never averaged ratios), plus each site's own."""
+    sites: dict[str, Any] = {}
+    total_cm = total_hist = None
+    loss_sum, n_sum = 0.0, 0
+    for name, counts in per_site.items():
+        sites[name] = {**compute_metrics(counts.confusion, counts.histograms), "loss": float(counts.loss),
+                       "skipped-images": int(counts.skipped)}
+        total_cm = counts.confusion if total_cm is None else total_cm + counts.confusion
+        total_hist = counts.histograms if total_hist is None else total_hist + counts.histograms
+        loss_sum += float(counts.loss) * counts.num_examples
+        n_sum += counts.num_examples
+    if total_cm is None:
+        raise ValueError("no site results to pool")
+    glob = {**compute_metrics(total_cm, total_hist), "loss": loss_sum / max(n_sum, 1)}
+    return {"global": glob, "sites": sites, "confusion": np.asarray(total_cm).tolist()}

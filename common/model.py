@@ -51,6 +51,7 @@ class HybridEffNetGRU(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.backbone = backbone
         self.proj = nn.ModuleList(nn.Conv2d(c, token_dim, kernel_size=1) for c in feature_channels)
         width = token_dim * len(feature_channels)
@@ -86,8 +87,12 @@ class HybridEffNetGRU(nn.Module):
         return logits
 
 
-def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> HybridEffNetGRU:
-    """Build the hybrid from its typed config; pretrained weights only from a LOCAL file."""
+def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
+    """Build the configured classifier (the hybrid or a baseline); pretrained weights only from a LOCAL file."""
+    if cfg.architecture != "hybrid":
+        from common.baselines import build_baseline
+
+        return build_baseline(cfg)
     spec = BACKBONES[cfg.backbone]
     backbone = timm.create_model(
         spec.timm_name, pretrained=False, features_only=True, out_indices=spec.out_indices

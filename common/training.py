@@ -142,7 +142,7 @@ def evaluate(
 ) -> EvalResult:
     """Loss, confusion counts and score histograms on a split (unreadable images skipped, counted)."""
     model.eval()
-    num_classes = model.classifier.out_features
+    num_classes = model.num_classes
     probs, ys, total, skipped = [], [], 0.0, 0
     for images, labels, lost in make_loader(data, batch_size, seed=None, num_workers=num_workers):
         skipped += lost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -40,6 +41,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
         train_metrics=recorder.aggregate_train,
         evaluate_metrics=recorder.aggregate_evaluate,
     )
+    torch.manual_seed(cfg.train.seed)  # the initial weights follow the run's seed
     initial = ArrayRecord(build_model(cfg.model).state_dict())
     strategy.set_reference(initial)
     timeout = cfg.federation.round_timeout_s

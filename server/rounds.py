@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as P
-from common.metrics import compute_metrics
+from common.metrics import pooled_report as pool
+from common.training import EvalResult
 from server.rundir import RunDirectory
 
 
@@ -23,21 +24,16 @@ def _metrics(record: RecordDict) -> MetricRecord:
 
 
 def pooled_report(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
-    """Global metrics from counts SUMMED over sites (not averaged ratios), plus each site's own."""
-    sites: dict[str, Any] = {}
-    total_cm, total_hist, loss_sum, n_sum = None, None, 0.0, 0
+    """Decode each site's counts from its reply and pool them (common.metrics.pooled_report)."""
+    per_site = {}
     for i, record in enumerate(records):
         m = _metrics(record)
         cm, hist = P.decode_counts(dict(m), num_classes)
-        n = int(m[P.NUM_EXAMPLES])
-        sites[_site_name(record, i)] = {**compute_metrics(cm, hist), "loss": float(m[P.EVAL_LOSS]),
-                                        "skipped-images": int(m.get(P.SKIPPED, 0))}
-        total_cm = cm if total_cm is None else total_cm + cm
-        total_hist = hist if total_hist is None else total_hist + hist
-        loss_sum += float(m[P.EVAL_LOSS]) * n
-        n_sum += n
-    glob = {**compute_metrics(total_cm, total_hist), "loss": loss_sum / max(n_sum, 1)}
-    return {"global": glob, "sites": sites, "confusion": np.asarray(total_cm).tolist()}
+        per_site[_site_name(record, i)] = EvalResult(
+            loss=float(m[P.EVAL_LOSS]), num_examples=int(m[P.NUM_EXAMPLES]), confusion=cm, histograms=hist,
+            skipped=int(m.get(P.SKIPPED, 0)),
+        )
+    return pool(per_site)
 
 
 class RoundRecorder:

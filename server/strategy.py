@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterable
 from logging import ERROR
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
@@ -20,30 +21,59 @@ class KeyedAggregation:
     Flower averages every array in floating point, so int64 buffers (BatchNorm's
     `num_batches_tracked`) would come back as float64 and fail the strict load on clients.
     Running means/variances are averaged like weights (example-weighted FedAvg).
+    With `transfer_dtype="float16"` the global model travels as float16, but the reference
+    (the master weights) stays float32 and every reply is cast back to it BEFORE averaging.
     """
 
     reference: ArrayRecord | None = None
+    transfer_dtype: str = "float32"
+
+    def __init__(self, *args: object, transfer_dtype: str = "float32", **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.transfer_dtype = transfer_dtype
 
     def set_reference(self, arrays: ArrayRecord) -> None:
         """Remember key set, shapes and dtypes of the global model."""
         self.reference = arrays
+
+    def wire_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global model as sent to sites: floating arrays in the transfer dtype, integers unchanged."""
+        return _cast(arrays, {k: self.transfer_dtype for k in arrays.keys() if _floating(arrays[k])})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's configure_train with the model in the transfer dtype."""
+        return super().configure_train(server_round, self.wire_arrays(arrays), config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's configure_evaluate with the model in the transfer dtype."""
+        return super().configure_evaluate(server_round, self.wire_arrays(arrays), config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate keys/shapes of every reply, aggregate with the base strategy, cast back."""
         replies = list(replies)
-        valid = [msg for msg in replies if msg.has_error() or self._fits(msg)]
+        valid = sorted(  # a fixed order makes the floating-point sum independent of reply arrival
+            (msg for msg in replies if msg.has_error() or self._fits(msg)), key=_site_key
+        )
         if replies and not any(not msg.has_error() for msg in valid):
             raise RuntimeError(f"round {server_round}: no valid model update from any site")
+        for msg in valid:  # float16 replies are averaged in the master dtype (float32), not in float16
+            if self.reference is not None and not msg.has_error():
+                msg.content[P.ARRAYS] = self._like_reference(msg.content[P.ARRAYS])
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is not None and self.reference is not None:
-            arrays = ArrayRecord(
-                {k: Array(np.asarray(arrays[k].numpy()).astype(ref.dtype, copy=False))
-                 for k, ref in ((k, self.reference[k].numpy()) for k in self.reference.keys())}
-            )
+            arrays = self._like_reference(arrays)
             self.reference = arrays
         return arrays, metrics
+
+    def _like_reference(self, arrays: ArrayRecord) -> ArrayRecord:
+        assert self.reference is not None
+        return _cast(arrays, {k: self.reference[k].dtype for k in self.reference.keys()})
 
     def _fits(self, msg: Message) -> bool:
         if self.reference is None:
@@ -54,6 +84,25 @@ class KeyedAggregation:
         if problem:
             log(ERROR, "Rejected update from site %s: %s", site, problem)
         return not problem
+
+
+def _floating(array: Array) -> bool:
+    return np.issubdtype(np.dtype(array.dtype), np.floating)
+
+
+def _cast(arrays: ArrayRecord, dtypes: dict[str, str]) -> ArrayRecord:
+    """Arrays cast by key to `dtypes` (others, and those already right, reused without re-serialising)."""
+    out = {}
+    for key in arrays.keys():
+        arr, want = arrays[key], dtypes.get(key)
+        out[key] = arr if want is None or arr.dtype == want else Array(np.asarray(arr.numpy()).astype(want))
+    return ArrayRecord(out)
+
+
+def _site_key(msg: Message) -> str:
+    if msg.has_error():
+        return f"~error-{msg.metadata.src_node_id}"
+    return str(msg.content.config_records.get(P.SITE, {}).get(P.SITE_NAME, msg.metadata.src_node_id))
 
 
 def _mismatch(reference: ArrayRecord, got: ArrayRecord | None) -> str:
@@ -95,4 +144,5 @@ def build_strategy(
         configrecord_key=P.CONFIG,
         train_metrics_aggr_fn=train_metrics,
         evaluate_metrics_aggr_fn=evaluate_metrics,
+        transfer_dtype=cfg.transfer_dtype,
     )

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,14 +11,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.config import ConfigError, RunConfig, parse_assignments
+from common.config import ConfigError
 from common.datasets import get_dataset
 from common.datasets.report import DatasetLayoutError
 from simulations import display
-from simulations.runner import (
-    SimulationError, SimulationPlan, find_app_dir, read_history, run_simulation,
-)
-from simulations.scenarios import DEFAULT_SCENARIO, SCENARIOS, get_scenario
+from simulations.planning import RunOptions, make_plan
+from simulations.runner import SimulationError, SimulationPlan, read_history, run_simulation
+from simulations.scenarios import DEFAULT_SCENARIO, SCENARIOS
 
 app = typer.Typer(
     help="histofed local multi-center simulations (Flower simulation engine).",
@@ -37,21 +32,6 @@ err_console = Console(stderr=True, soft_wrap=True)
 def _fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """The command-line choices of `flower-sim run`, before validation."""
-
-    scenario: str
-    rounds: int | None = None
-    sites: int | None = None
-    sets: tuple[str, ...] = ()
-    data_root: Path | None = None
-    run_dir: Path | None = None
-    cpus_per_site: int | None = None
-    gpus_per_site: float | None = None
-    timeout: float = 3600.0
 
 
 @app.command()
@@ -69,10 +49,44 @@ def run(
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
     options = RunOptions(scenario, rounds, sites, tuple(set_ or ()), data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
     try:
-        plan = _plan(options)
+        plan = make_plan(options)
     except (ConfigError, SimulationError, DatasetLayoutError, FileNotFoundError) as err:
         _fail(str(err))
     sys.exit(_execute(plan, scenario))
+
+
+@app.command()
+def compare(
+    scenario: Annotated[str, typer.Argument(help="scenario name")] = DEFAULT_SCENARIO,
+    seeds: Annotated[int, typer.Option(help="number of seeds (0..N-1: model init and shuffling)")] = 3,
+    models: Annotated[str, typer.Option(help="comma-separated: hybrid, alexnet, densenet121, mobilenetv3, efficientnet_b0")] = "hybrid",
+    modes: Annotated[str, typer.Option(help="comma-separated: pooled, local, federated")] = "pooled,local,federated",
+    holdout: Annotated[Optional[int], typer.Option(help="site index kept out of training and evaluated as an unseen hospital")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="federated rounds (= the budget of every regime)")] = None,
+    sites: Annotated[Optional[int], typer.Option(help="number of hospitals")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="dataset root on disk")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/compare-<scenario>-<time>)")] = None,
+) -> None:
+    """Pooled vs local-only vs federated, mean ± sd over seeds; writes compare.json and compare.csv."""
+    from simulations.compare import MODES, CompareOptions, run_compare
+
+    chosen_modes = tuple(m.strip() for m in modes.split(",") if m.strip())
+    chosen_models = tuple(m.strip() for m in models.split(",") if m.strip())
+    if seeds < 1 or not chosen_modes or any(m not in MODES for m in chosen_modes):
+        _fail(f"--seeds must be >= 1 and --modes a subset of {','.join(MODES)} (got {seeds}, '{modes}')")
+    options = CompareOptions(
+        RunOptions(scenario, rounds, sites, tuple(set_ or ()), data_root), tuple(range(seeds)), chosen_models,
+        chosen_modes, holdout, out_dir,
+    )
+    try:
+        summary = run_compare(options, log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
+    except (ConfigError, DatasetLayoutError, FileNotFoundError) as err:
+        _fail(str(err))
+    except SimulationError as err:
+        _fail(str(err), 1)
+    console.print(display.compare_table(summary))
+    console.print(f"written: {summary['out-dir']}/compare.json, compare.csv", highlight=False)
 
 
 @app.command()
@@ -97,65 +111,6 @@ def fixture(
         _fail(f"dataset '{dataset}' has no on-disk layout to write")
     path = writer(out.expanduser().resolve(), seed=seed)
     console.print(f"wrote a synthetic {dataset} tree (real layout, synthetic images) to {path}", highlight=False)
-
-
-def _plan(opt: RunOptions) -> SimulationPlan:
-    cfg = get_scenario(opt.scenario).config()
-    if opt.sites is not None:
-        cfg = cfg.with_sites(opt.sites)
-    if opt.rounds is not None:
-        cfg = cfg.override({"federation.rounds": opt.rounds})
-    if opt.data_root is not None:
-        cfg = cfg.override({"data.root": str(opt.data_root.expanduser().resolve())})
-    user = parse_assignments(opt.sets)
-    cfg = cfg.override(user)
-    entry = get_dataset(cfg.data.dataset)
-    if not entry.synthetic and not cfg.data.root:
-        raise ConfigError(f"scenario '{opt.scenario}' reads {cfg.data.dataset} from disk: pass --data-root PATH")
-    cores, num_sites = os.cpu_count() or 1, cfg.federation.num_sites
-    if opt.cpus_per_site is not None and opt.cpus_per_site <= 0:
-        raise ConfigError(f"--cpus-per-site must be > 0 (got {opt.cpus_per_site})")
-    # Default: every site trains at once (Ray told there are >= num_sites CPUs), threads split the cores.
-    ray_cpus = cores if opt.cpus_per_site is not None else max(cores, num_sites)
-    threads = opt.cpus_per_site or max(1, cores // num_sites)
-    if "train.num-threads" not in user:
-        cfg = cfg.override({"train.num-threads": threads})
-    cfg = _absolute_paths(cfg)
-    partition = entry.partition(cfg)  # also validates the data root before anything starts
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"run directory {path} exists and is not empty")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "partition.json").write_text(json.dumps(partition, indent=1))
-    cfg = cfg.override({"output.run-dir": str(path)})
-    return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
-                          _gpu_share(opt.gpus_per_site, cfg), opt.timeout)
-
-
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """The ServerApp and ClientApps run in other folders: pass absolute, existing file paths."""
-    out: dict[str, str] = {}
-    for key in ("model.pretrained-path", "data.stain-reference"):
-        value = cfg.to_flat()[key]
-        if value:
-            path = Path(str(value)).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"{key}: file not found: {path}")
-            out[key] = str(path)
-    return cfg.override(out) if out else cfg
-
-
-def _gpu_share(requested: float | None, cfg: RunConfig) -> float:
-    if requested is not None:
-        if requested < 0:
-            raise ConfigError(f"--gpus-per-site must be >= 0 (got {requested:g})")
-        return requested
-    import torch
-
-    if cfg.train.device == "cpu" or not torch.cuda.is_available():
-        return 0.0
-    return 1.0 / cfg.federation.num_sites
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -49,3 +49,27 @@ def print_table(console: Console, history: list[dict[str, Any]]) -> None:
         return
     kind = history[-1].get("data-kind", "unknown")
     console.print(metrics_table(history, f"histofed metrics per round — {kind.upper()} data"))
+
+
+def _pm(stat: dict[str, float | None]) -> str:
+    return "—" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
+
+
+def compare_table(summary: dict[str, Any]) -> Table:
+    """mean ± sd over seeds for every model, regime and scope."""
+    kind = summary["data-kind"].upper()
+    title = f"pooled vs local vs federated — {kind} data, {len(summary['seeds'])} seed(s)"
+    if summary.get("holdout"):
+        title += f", held-out hospital: {summary['holdout']}"
+    table = Table(title=title, title_justify="left")
+    for name in ("model", "mode", "scope"):
+        table.add_column(name, no_wrap=True)
+    for name in COLUMNS[:-1]:
+        table.add_column(name, justify="right")
+    previous = None
+    for row in summary["rows"]:
+        key = (row["model"], row["mode"])
+        table.add_row(*(key if key != previous else ("", "")), row["scope"],
+                      *(_pm(row[name]) for name in COLUMNS[:-1]))
+        previous = key
+    return table

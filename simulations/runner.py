@@ -87,7 +87,7 @@ def run_simulation(plan: SimulationPlan, on_poll: Callable[[], None] = lambda: N
         _flwr_executable(), "run", str(plan.app_dir), CONNECTION, "--stream",
         "--run-config", str(config_path),
         "--federation-config",
-        f"num-supernodes={plan.cfg.federation.num_sites} "
+        f"num-supernodes={len(plan.cfg.federation.training_sites)} "
         f"client-resources-num-cpus={plan.cpus_per_site} init-args-num-cpus={plan.ray_cpus} "
         f"client-resources-num-gpus={plan.gpus_per_site:g}",
     ]

@@ -61,7 +61,7 @@ def test_mismatched_global_weights_are_an_error(tiny_cfg) -> None:
 def test_node_count_must_match_configured_sites(tiny_cfg) -> None:
     from client.site import resolve_site
 
-    with pytest.raises(ValueError, match="3 nodes but federation.num-sites is 2"):
+    with pytest.raises(ValueError, match="3 nodes but 2 training sites"):
         resolve_site({"partition-id": 0, "num-partitions": 3}, ["a", "b"])
     assert resolve_site({"site": "b"}, ["a", "b"]).index == 1
 

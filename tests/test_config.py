@@ -55,7 +55,7 @@ def test_invalid_values_are_named(key: str, value: str, fragment: str) -> None:
 
 
 def test_minimum_sites_cannot_exceed_sites() -> None:
-    with pytest.raises(ConfigError, match="min-train-sites .3. exceeds federation.num-sites .2."):
+    with pytest.raises(ConfigError, match="min-train-sites .3. exceeds the 2 training sites"):
         RunConfig().override({"federation.num-sites": 2, "federation.min-train-sites": 3})
 
 
@@ -63,3 +63,11 @@ def test_assignments_parse_and_reject_garbage() -> None:
     assert parse_assignments(["train.lr=0.1", " model.backbone = x "]) == {"train.lr": "0.1", "model.backbone": "x"}
     with pytest.raises(ConfigError, match="bad --set 'oops'"):
         parse_assignments(["oops"])
+
+
+def test_holdout_site_leaves_the_training_sites() -> None:
+    cfg = RunConfig().override({"federation.holdout-site": 1})
+    assert cfg.federation.training_sites == [0, 2]
+    with pytest.raises(ConfigError, match="holdout-site .3. must be below num-sites .3."):
+        RunConfig().override({"federation.holdout-site": 3})
+    assert RunConfig().override({"federation.holdout-site": 0}).with_sites(2).federation.min_train_sites == 1

@@ -1,0 +1,95 @@
+"""Turn command-line choices into a validated simulation plan (shared by `flower-sim run` and `compare`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common.config import ConfigError, RunConfig, parse_assignments
+from common.datasets import get_dataset
+from simulations.runner import SimulationPlan, find_app_dir
+from simulations.scenarios import get_scenario
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The command-line choices of `flower-sim run`, before validation."""
+
+    scenario: str
+    rounds: int | None = None
+    sites: int | None = None
+    sets: tuple[str, ...] = ()
+    data_root: Path | None = None
+    run_dir: Path | None = None
+    cpus_per_site: int | None = None
+    gpus_per_site: float | None = None
+    timeout: float = 3600.0
+
+
+def resolve_config(opt: RunOptions) -> RunConfig:
+    """Scenario + shortcuts + --set overrides, validated; raises ConfigError naming the key."""
+    cfg = get_scenario(opt.scenario).config()
+    if opt.sites is not None:
+        cfg = cfg.with_sites(opt.sites)
+    if opt.rounds is not None:
+        cfg = cfg.override({"federation.rounds": opt.rounds})
+    if opt.data_root is not None:
+        cfg = cfg.override({"data.root": str(opt.data_root.expanduser().resolve())})
+    user = parse_assignments(opt.sets)
+    cfg = cfg.override(user)
+    entry = get_dataset(cfg.data.dataset)
+    if not entry.synthetic and not cfg.data.root:
+        raise ConfigError(f"scenario '{opt.scenario}' reads {cfg.data.dataset} from disk: pass --data-root PATH")
+    cores, num_sites = os.cpu_count() or 1, len(cfg.federation.training_sites)
+    if opt.cpus_per_site is not None and opt.cpus_per_site <= 0:
+        raise ConfigError(f"--cpus-per-site must be > 0 (got {opt.cpus_per_site})")
+    threads = opt.cpus_per_site or max(1, cores // num_sites)  # by default all sites train at once
+    if "train.num-threads" not in user:
+        cfg = cfg.override({"train.num-threads": threads})
+    return _absolute_paths(cfg)
+
+
+def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
+    """Validate everything (or take a resolved config) and create the run directory."""
+    cfg = cfg or resolve_config(opt)
+    cores, num_sites = os.cpu_count() or 1, len(cfg.federation.training_sites)
+    # Default: every site trains at once (Ray is told there are >= num_sites CPUs); threads split the cores.
+    ray_cpus = cores if opt.cpus_per_site is not None else max(cores, num_sites)
+    partition = get_dataset(cfg.data.dataset).partition(cfg)  # also validates the data root before anything starts
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"run directory {path} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "partition.json").write_text(json.dumps(partition, indent=1))
+    cfg = cfg.override({"output.run-dir": str(path)})
+    return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
+                          _gpu_share(opt.gpus_per_site, cfg), opt.timeout)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The ServerApp and ClientApps run in other folders: pass absolute, existing file paths."""
+    out: dict[str, str] = {}
+    for key in ("model.pretrained-path", "data.stain-reference"):
+        value = cfg.to_flat()[key]
+        if value:
+            path = Path(str(value)).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: file not found: {path}")
+            out[key] = str(path)
+    return cfg.override(out) if out else cfg
+
+
+def _gpu_share(requested: float | None, cfg: RunConfig) -> float:
+    if requested is not None:
+        if requested < 0:
+            raise ConfigError(f"--gpus-per-site must be >= 0 (got {requested:g})")
+        return requested
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    return 1.0 / cfg.federation.num_sites
