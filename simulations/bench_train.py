@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class Trainer:
         self.opt = OPTIMIZERS["adamw"](self.model.parameters(), 1e-3, 1e-4)
         self.gen = torch.Generator().manual_seed(0)
         self.labels = self.labels.to(self.device)
+        if self.device.type == "cuda":  # as train_local's DataLoader does (pin_memory on CUDA)
+            self.batch = self.batch.pin_memory()
 
     def step(self) -> None:
         """uint8 batch → normalised input → augment → forward/backward → AdamW step."""
@@ -146,13 +149,14 @@ def train_throughput(cfg: RunConfig, *, batch_size: int, warmup: int, steps: int
     }
 
 
-def compile_probe(cfg: RunConfig, *, batch_size: int, steps: int, repeats: int) -> dict[str, float]:
+def compile_probe(cfg: RunConfig, *, batch_size: int, steps: int, repeats: int,
+                  backend: str = "inductor") -> dict[str, float]:
     """In this process: compile the hybrid (first step = compile), then time it against an eager twin."""
     device = torch.device("cpu")
     x, y = random_batch(cfg, batch_size)
     eager = Trainer(build(cfg, "hybrid"), device, x, y)
     compiled = Trainer(build(cfg, "hybrid"), device, x, y)
-    compiled.model = torch.compile(compiled.model)
+    compiled.model = torch.compile(compiled.model, backend=backend)
     start = time.perf_counter()
     compiled.step()
     first = time.perf_counter() - start
@@ -162,27 +166,37 @@ def compile_probe(cfg: RunConfig, *, batch_size: int, steps: int, repeats: int) 
 
 
 def compile_throughput(
-    overrides: dict[str, object], *, batch_size: int, steps: int, repeats: int, timeout_s: float
+    overrides: dict[str, object], *, batch_size: int, steps: int, repeats: int, timeout_s: float,
+    backend: str = "inductor", cold: bool = False,
 ) -> dict[str, object]:
-    """torch.compile on/off in a child process; a compile that runs past `timeout_s` is reported as skipped."""
+    """torch.compile on/off in a child process; past `timeout_s` it is reported as skipped.
+
+    `cold` compiles into an empty inductor cache (the first-ever compile on a machine); otherwise
+    torch's default cache is used, which an earlier run may have warmed.
+    """
     args = [sys.executable, "-m", "simulations.bench_train", json.dumps(overrides),
-            str(batch_size), str(steps), str(repeats)]
+            str(batch_size), str(steps), str(repeats), str(torch.get_num_threads()), backend]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # no compile-worker pool left behind on timeout
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group, started above
-        proc.communicate()
-        return {"compile": f"skipped: compile + timing exceeded {timeout_s:g} s"}
+    with tempfile.TemporaryDirectory(prefix="histofed-inductor-") as cache:
+        if cold:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group, started above
+            proc.communicate()
+            return {"compile": f"skipped: compile + timing exceeded {timeout_s:g} s", "backend": backend}
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["no output"])[-1]
-        return {"compile": f"failed: {last[:200]}"}
-    return {"compile": "ok", **json.loads(out.strip().splitlines()[-1])}
+        return {"compile": f"failed: {last[:200]}", "backend": backend}
+    return {"compile": "ok", "backend": backend, "inductor-cache": "cold" if cold else "default (may be warm)",
+            **json.loads(out.strip().splitlines()[-1])}
 
 
-if __name__ == "__main__":  # child of compile_throughput: overrides-json batch steps repeats
-    _overrides, _batch, _steps, _repeats = sys.argv[1], *map(int, sys.argv[2:5])
+if __name__ == "__main__":  # child of compile_throughput: overrides-json batch steps repeats threads backend
+    _overrides, _batch, _steps, _repeats, _threads = sys.argv[1], *map(int, sys.argv[2:6])
+    torch.set_num_threads(_threads)
     _cfg = RunConfig().override(json.loads(_overrides))
-    print(json.dumps(compile_probe(_cfg, batch_size=_batch, steps=_steps, repeats=_repeats)))
+    print(json.dumps(compile_probe(_cfg, batch_size=_batch, steps=_steps, repeats=_repeats, backend=sys.argv[6])))

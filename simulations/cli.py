@@ -17,7 +17,8 @@ from common.datasets.report import DatasetLayoutError
 from simulations import display
 from simulations.planning import RunOptions, make_plan
 from simulations.runner import SimulationError, SimulationPlan, read_history, run_simulation
-from simulations.scenarios import DEFAULT_SCENARIO, SCENARIOS
+from simulations.paper import paper_table
+from simulations.scenarios import DEFAULT_SCENARIO, SCENARIOS, get_scenario
 
 app = typer.Typer(
     help="histofed local multi-center simulations (Flower simulation engine).",
@@ -86,7 +87,24 @@ def compare(
     except SimulationError as err:
         _fail(str(err), 1)
     console.print(display.compare_table(summary))
+    if get_scenario(scenario).paper:
+        measured = {f"{r['model']} {r['mode']} (mean of {r['seeds']})": {k: v["mean"] for k, v in r.items() if isinstance(v, dict)}
+                    for r in summary["rows"] if r["scope"] == "global"}
+        console.print(paper_table(measured, summary["data-kind"]))
     console.print(f"written: {summary['out-dir']}/compare.json, compare.csv", highlight=False)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `flower-sim run`")]) -> None:
+    """(Re)generate a run directory's report: PNG plots and one self-contained report.html."""
+    from simulations.report import build_report
+
+    if not (run_dir / "config.json").is_file():
+        _fail(f"{run_dir} is not a histofed run directory (no config.json)")
+    try:
+        console.print(f"report: {build_report(run_dir)}", highlight=False)
+    except (ValueError, OSError) as err:
+        _fail(str(err), 1)
 
 
 @app.command()
@@ -143,12 +161,26 @@ def _execute(plan: SimulationPlan, scenario: str) -> int:
         except KeyboardInterrupt:
             err_console.print("interrupted: Flower processes stopped")
             return 130
-    display.print_table(console, read_history(plan.run_dir))
+    history = read_history(plan.run_dir)
+    display.print_table(console, history)
     if status.get("status") != "completed":
         _report_failure(status, plan.run_dir)
         return 1
+    if get_scenario(scenario).paper and history:
+        console.print(paper_table({"federated, global (pooled test)": history[-1]["global"]},
+                                  history[-1].get("data-kind", "unknown")))
+    _write_report(plan.run_dir)
     console.print(f"[green]completed[/green] in {status.get('elapsed-s', '?')} s · run directory: {plan.run_dir}")
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    from simulations.report import build_report
+
+    try:
+        console.print(f"report: {build_report(run_dir)}", highlight=False)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not turn a finished run into a failure
+        err_console.print(f"[yellow]warning:[/yellow] report not written: {err}")
 
 
 def _report_failure(status: dict, run_dir: Path) -> None:

@@ -14,6 +14,7 @@ class Scenario:
 
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    paper: bool = False  # print the seed paper's figures beside the measured ones
 
     def config(self) -> RunConfig:
         """Defaults with this scenario's overrides, validated."""
@@ -39,6 +40,14 @@ SCENARIOS: dict[str, Scenario] = {
         "at most 5,000 per site and split, 10 rounds",
         {"data.dataset": "camelyon17", "federation.num-sites": 5, "data.centers": "0,1,2,3,4",
          "model.image-size": 96, "data.max-per-site": 5000, "federation.rounds": 10, "train.num-workers": 2},
+    ),
+    "reproduce-paper": Scenario(
+        "the seed paper's configuration on BreakHis on disk (--data-root): tf_efficientnetv2_s hybrid, "
+        "200X, benign/malignant, 224 px, patient-disjoint splits, 4 hospitals, 20 rounds",
+        {"data.dataset": "breakhis", "data.magnifications": "200X", "model.backbone": "tf_efficientnetv2_s",
+         "model.num-classes": 2, "model.image-size": 224, "federation.num-sites": 4, "federation.rounds": 20,
+         "train.num-workers": 2},
+        paper=True,
     ),
     "synthetic-tiny": Scenario(
         "smoke test: 2 synthetic hospitals, tiny test backbone at 32 px, 1 round, seconds",

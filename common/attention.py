@@ -1,0 +1,30 @@
+"""Attention maps of the hybrid mapped back onto the input image (which regions the GRU attention weighted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.training import to_input
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x H x W x 3 → (N x H x W attention upsampled to the image, N x K class probabilities)."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, attn = model(to_input(images, device), return_attention=True)  # attn: N x h x w, sums to 1
+    size = images.shape[1:3]
+    heat = F.interpolate(attn[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return heat.cpu().numpy(), torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.6) -> np.ndarray:
+    """Blend a heat map (any scale) over a uint8 RGB image in red; output has the image's size."""
+    span = float(heat.max() - heat.min())
+    norm = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    alpha = (strength * norm)[..., None]
+    red = np.array([255.0, 0.0, 0.0])
+    return ((1 - alpha) * image.astype(np.float64) + alpha * red).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,87 @@
+"""Run reports: valid PNGs, an HTML page that parses and references them, attention overlays at input size."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.attention import attention_maps, overlay
+from common.config import RunConfig
+from common.metrics import pooled_report, score_histograms
+from common.model import build_model
+from common.training import EvalResult
+from common.weights import save_state_dict
+from server.rundir import RunDirectory
+from simulations.report import build_report
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alts: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.alts.append(str(a.get("alt")))
+            assert str(a.get("src")).startswith("data:image/png;base64,")  # self-contained
+        if tag == "a":
+            self.links.append(str(a.get("href")))
+
+
+def _fake_run(tmp_path: Path, tiny_cfg: RunConfig) -> Path:
+    cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / "run")})
+    run = RunDirectory.for_config(cfg, data_kind="synthetic")
+    rng = np.random.default_rng(0)
+    for rnd in range(3):
+        per_site = {}
+        for site in ("synthetic-hospital-0", "synthetic-hospital-1"):
+            y = rng.integers(0, 2, 40)
+            p = rng.random((40, 2))
+            p /= p.sum(1, keepdims=True)
+            cm = np.bincount(y * 2 + p.argmax(1), minlength=4).reshape(2, 2)
+            per_site[site] = EvalResult(0.5, 40, cm, score_histograms(y, p))
+        run.log_round({"round": rnd, **pooled_report(per_site), "train": {}})
+    save_state_dict(build_model(cfg.model).state_dict(), run.path / "model.safetensors")
+    return run.path
+
+
+def test_report_files_are_valid_and_referenced(tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    run_dir = _fake_run(tmp_path, tiny_cfg)
+    page = build_report(run_dir)
+    pngs = sorted((run_dir / "report").glob("*.png"))
+    assert {p.name for p in pngs} == {"curves.png", "confusion.png", "sites.png", "attention.png"}
+    for png in pngs:
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    parser = _Images()
+    parser.feed(page.read_text())
+    assert sorted(parser.alts) == sorted(f"report/{p.name}" for p in pngs)
+    assert all((run_dir / link).is_file() for link in parser.links)
+    assert "SYNTHETIC" in page.read_text()
+
+
+def test_attention_overlays_have_the_input_size(tiny_cfg: RunConfig) -> None:
+    model = build_model(tiny_cfg.model)
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    heat, probs = attention_maps(model, images)
+    assert heat.shape == (3, 64, 64) and probs.shape == (3, 2)
+    blended = overlay(images[0], heat[0])
+    assert blended.shape == images[0].shape and blended.dtype == np.uint8
+
+
+def test_report_of_an_empty_run_is_an_error(tmp_path: Path) -> None:
+    cfg = RunConfig().override({"output.run-dir": str(tmp_path / "run")})
+    RunDirectory.for_config(cfg, data_kind="synthetic")
+    try:
+        build_report(tmp_path / "run")
+    except ValueError as err:
+        assert "no rounds" in str(err)
+    else:
+        raise AssertionError("expected a ValueError")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "running"
