@@ -1,0 +1,48 @@
+"""`flower-server`: the coordinator's command line (keys: the consortium's TLS and SuperNode-auth kit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="histofed coordinator commands.", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _group() -> None:
+    """histofed coordinator commands."""
+
+
+@app.command()
+def keys(
+    out: Annotated[Path, typer.Option(help="folder for the kit (never overwritten)")],
+    hosts: Annotated[str, typer.Option(help="comma-separated host names / IPs the server is reached at")],
+    sites: Annotated[str, typer.Option(help="comma-separated site names, one key pair each")],
+    days: Annotated[int, typer.Option(help="certificate validity in days")] = 825,
+) -> None:
+    """Create a CA, a server certificate for the hosts and one SuperNode key pair per site."""
+    from server.keys import make_kit
+
+    try:
+        kit = make_kit(out, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
+                       sites=[s.strip() for s in sites.split(",") if s.strip()], days=days)
+    except (ValueError, FileExistsError, OSError) as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"CA certificate (give to every site): {kit.ca_cert}", highlight=False)
+    console.print(f"server certificate / key (server only): {kit.server_cert} / {kit.server_key}", highlight=False)
+    for site, (private, public) in kit.site_keys.items():
+        console.print(f"{site}: private key {private} (give to that site only), public key {public} (server)",
+                      highlight=False)
+    console.print(f"keep {out / 'ca.key'} offline: it signs server certificates", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
