@@ -8,11 +8,13 @@ import torch
 from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from common import protocol as P
-from common.config import ModelConfig, RunConfig
+from common.config import ModelConfig, PrivacyConfig, RunConfig
 from common.datasets import get_dataset
-from common.model import build_model
+from common.privacy import DECLINED, build_model_for, encode_metrics, ledger_path, train_private
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -21,9 +23,16 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
-def _architecture(cfg: ModelConfig) -> nn.Module:
-    """Build once per process; every message overwrites all weights strictly by key."""
-    return build_model(cfg, load_pretrained=False)
+def _architecture(cfg: ModelConfig, privacy: PrivacyConfig) -> nn.Module:
+    """Build once per process (the DP-compatible model when privacy is on); messages overwrite all weights by key."""
+    return build_model_for(cfg, privacy, load_pretrained=False)
+
+
+def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod, applied only when the run uses a client-side central-DP wrapper."""
+    mode = str(context.run_config.get("privacy.mode", "off"))
+    mod = {"central-fixed-client": fixedclipping_mod, "central-adaptive-client": adaptiveclipping_mod}.get(mode)
+    return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, torch.device]:
@@ -31,28 +40,38 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
-    model = _architecture(cfg.model).cpu()
+    model = _architecture(cfg.model, cfg.privacy).cpu()
     load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
 
-def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord({P.SITE_NAME: site.name})})
+def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "") -> Message:
+    about = {P.SITE_NAME: site.name, **({DECLINED: declined} if declined else {})}
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[_central_clipping])
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs on the site's training split; reply with weights, loss and example count."""
+    """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts."""
     cfg, site, model, device = _setup(msg, context)
-    server_round = int(msg.content[P.CONFIG].get(P.SERVER_ROUND, 0))
+    config = msg.content[P.CONFIG]
+    server_round = int(config.get(P.SERVER_ROUND, 0)) + int(config.get(P.ROUND_OFFSET, 0))
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train")
     seed = cfg.train.seed * 1_000_003 + server_round * 1009 + site.index
-    result = train_local(model, data, cfg.train, device, seed=seed)
+    if cfg.privacy.mode == "local":  # a site whose budget is spent declines; the server drops it or stops
+        private = train_private(model=model, data=data, cfg=cfg, device=device, seed=seed, site=site.name,
+                                ledger_file=ledger_path(cfg, site.name, context.node_config),
+                                server_round=server_round, run_id=context.run_id)
+        if private.declined:
+            return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
+        result, extra = private.train, encode_metrics(private)
+    else:
+        result, extra = train_local(model, data, cfg.train, device, seed=seed), {}
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
-               P.SKIPPED: result.skipped}
+               P.SKIPPED: result.skipped, **extra}
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
     state = {k: (v.detach().to(wire) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}

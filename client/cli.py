@@ -68,6 +68,41 @@ def check_data(
     console.print(f"[green]ok[/green]: {sum(s.images for s in summaries)} images in {len({s.site for s in summaries})} site(s)")
 
 
+@app.command()
+def start(
+    site: Annotated[str, typer.Option(help="this hospital's name (as the consortium knows it)")],
+    server: Annotated[str, typer.Option(help="SuperLink address HOST:PORT")],
+    data_root: Annotated[Optional[Path], typer.Option(help="this hospital's data root (not needed for synthetic)")] = None,
+    dataset: Annotated[str, typer.Option(help="dataset layout of the data root, checked before joining")] = "synthetic",
+    root_cert: Annotated[Optional[Path], typer.Option(help="the consortium CA certificate (TLS)")] = None,
+    auth_key: Annotated[Optional[Path], typer.Option(help="this site's private key (SuperNode authentication)")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS: local tests only")] = False,
+    port: Annotated[Optional[int], typer.Option(help="local runtime port (default: a free one)")] = None,
+    max_restarts: Annotated[int, typer.Option(help="give up after N reconnects (0 = keep trying)")] = 0,
+    log_file: Annotated[Optional[Path], typer.Option(help="SuperNode log (default ./<site>-supernode.log)")] = None,
+) -> None:
+    """Check this hospital's data, then join the federation as a Flower SuperNode (reconnects when needed)."""
+    from client.deploy import NodeOptions, run_node, validate
+
+    options = NodeOptions(site, data_root.expanduser().resolve() if data_root else None, server, root_cert,
+                          auth_key, insecure, port, max_restarts)
+    try:
+        validate(options)
+        if data_root is not None or dataset != "synthetic":
+            cfg = _config(dataset, data_root, 1, [])
+            summaries = get_dataset(cfg.data.dataset).check(cfg)
+            console.print(_table(summaries, cfg))
+            if not any(s.images for s in summaries if s.split == "train"):
+                raise ValueError(f"no training images under {data_root}")
+    except (ConfigError, DatasetLayoutError, BadImageError, FileNotFoundError, ValueError) as err:
+        _fail(str(err), 1)
+    if insecure:
+        err_console.print("[bold yellow]warning: --insecure: model updates travel unencrypted[/bold yellow]")
+    log = (log_file or Path(f"{site}-supernode.log")).resolve()
+    code = run_node(options, log, say=lambda line: console.print(f"[{site}] {line}", highlight=False))
+    raise typer.Exit(code)
+
+
 def _config(dataset: str, root: Path | None, sites: int | None, sets: list[str]) -> RunConfig:
     pairs: dict[str, str] = {"data.dataset": dataset}
     if root is not None:

@@ -160,6 +160,7 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds to wait for replies")
     transfer_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of float arrays on the wire (float16 halves bytes; fp32 master weights stay on the server)")
     holdout_site: int = Field(-1, ge=-1, description="site index kept out of training (-1 = none)")
+    max_update_norm: float = Field(0.0, ge=0.0, description="reject updates farther than this (L2) from the global model (0 = no bound)")
 
     @property
     def training_sites(self) -> list[int]:
@@ -184,6 +185,41 @@ class OutputConfig(_Section):
     """Where the server writes its run directory."""
 
     run_dir: str = Field("", description="run directory ('' = ./runs/<timestamp>)")
+    resume: bool = Field(False, description="continue the run in run-dir from its last checkpoint")
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: local DP-SGD per site (Opacus), or central DP through Flower's strategy wrappers."""
+
+    mode: Literal[
+        "off", "local", "central-fixed-server", "central-fixed-client", "central-adaptive-server",
+        "central-adaptive-client",
+    ] = Field("off", description="off; local = DP-SGD at every site; central-* = Flower's clipping + noise wrappers")
+    target_epsilon: float = Field(8.0, gt=0.0, description="ε budget at delta: per site (local) or per hospital over the run (central)")
+    noise_multiplier: float | Literal["auto"] = Field("auto", description="σ, or 'auto' = calibrated so the planned rounds spend target-epsilon")
+    delta: float = Field(0.0, ge=0.0, lt=1.0, description="δ (0 = min(1e-5, 0.1/N)); must be below 1/N")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="local: per-sample gradient clipping norm C")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for ε")
+    poisson_sampling: bool = Field(True, description="local: Poisson-sampled batches (what the accountant assumes)")
+    fast_depthwise: bool = Field(True, description="local: per-group per-sample gradients for grouped/depthwise convs")
+    on_budget_exhausted: Literal["skip-site", "stop"] = Field("skip-site", description="a site whose budget is spent declines; the server continues without it, or stops")
+    ledger_dir: str = Field("", description="local: folder of the per-site privacy ledgers ('' = <run-dir>/privacy-ledger, else ~/.local/state/histofed)")
+    clipping_norm: float = Field(1.0, gt=0.0, description="central: L2 clipping norm of each site's update (initial norm when adaptive)")
+    target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0, description="central adaptive: share of updates to clip")
+    clip_norm_lr: float = Field(0.2, gt=0.0, description="central adaptive: clipping-norm learning rate")
+
+    @field_validator("noise_multiplier", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            sigma = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("noise multiplier σ must be a number > 0 or 'auto'") from None
+        if not sigma > 0.0 or sigma == float("inf"):
+            raise ValueError("noise multiplier σ must be > 0 (or 'auto')")
+        return sigma
 
 
 class RunConfig(_Section):
@@ -194,6 +230,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     output: OutputConfig = OutputConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def to_flat(self) -> dict[str, FlatValue]:
         """Flatten to Flower run-config keys such as 'model.hidden-size'."""

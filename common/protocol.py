@@ -15,6 +15,7 @@ SITE = "site"
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+ROUND_OFFSET = "round-offset"  # rounds completed before a resume (Flower restarts numbering at 1)
 SITE_NAME = "name"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common import protocol as P
 from common.config import RunConfig
-from common.datasets import data_kind
-from common.model import build_model
+from common.datasets import data_kind, get_dataset
+from common.privacy import PrivacyBudgetStop, PrivacyMonitor, build_model_for, is_central, plan_central, preflight
 from server.rounds import RoundRecorder
 from server.rundir import RunDirectory
-from server.strategy import build_strategy
+from server.strategy import build_strategy, wrap_central_dp
 
 app = ServerApp()
 
@@ -31,7 +32,9 @@ def main(grid: Grid, context: Context) -> None:
         run.status("failed", error=f"{type(err).__name__}: {err}")
         raise
     final = recorder.history[-1] if recorder.history else {}
-    run.status("completed", rounds=cfg.federation.rounds, final=final.get("global", {}))
+    stopped = recorder.privacy.stopped if recorder.privacy else ""
+    early = {"stopped-early": stopped, "rounds-completed": final.get("round", 0)} if stopped else {}
+    run.status("completed", rounds=cfg.federation.rounds, final=final.get("global", {}), **early)
 
 
 def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
@@ -41,26 +44,45 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
         train_metrics=recorder.aggregate_train,
         evaluate_metrics=recorder.aggregate_evaluate,
     )
+    synthetic = get_dataset(cfg.data.dataset).synthetic  # DP settings are checked before any training
+    preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)
     torch.manual_seed(cfg.train.seed)  # the initial weights follow the run's seed
-    initial = ArrayRecord(build_model(cfg.model).state_dict())
+    initial = ArrayRecord(build_model_for(cfg.model, cfg.privacy).state_dict())  # DP-compatible when privacy is on
+    if cfg.output.resume:  # continue from the last checkpoint, in the model's own key order
+        recorder.offset, state = run.load_checkpoint()
+        initial = ArrayRecord({key: state[key] for key in initial.keys()})
+        log(INFO, "histofed: resuming after round %d of %d", recorder.offset, cfg.federation.rounds)
     strategy.set_reference(initial)
+    if cfg.privacy.mode != "off":
+        recorder.privacy = monitor = PrivacyMonitor(cfg)
+        strategy.on_declined = monitor.declined
+        if is_central(cfg.privacy):
+            wrapped = wrap_central_dp(strategy, plan_central(cfg), cfg.privacy)
+            monitor.clipping_norm_fn = lambda: wrapped.clipping_norm
+            strategy = wrapped
     timeout = cfg.federation.round_timeout_s
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
-        if server_round == 0:  # federated evaluation of the initial model: the round-0 baseline
+        if server_round == 0 and not cfg.output.resume:  # federated evaluation of the initial model: round 0
             messages = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
             strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
         return recorder.end_round(server_round, arrays)
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.federation.rounds,
-        timeout=timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
-    run.save_model((result.arrays or initial).to_torch_state_dict())
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=max(cfg.federation.rounds - recorder.offset, 0),
+            timeout=timeout,
+            train_config=ConfigRecord({P.ROUND_OFFSET: recorder.offset}),
+            evaluate_config=ConfigRecord({P.ROUND_OFFSET: recorder.offset}),
+            evaluate_fn=evaluate_fn,
+        )
+        final = result.arrays or initial
+    except PrivacyBudgetStop as stop:  # privacy.on-budget-exhausted=stop, or no site can train any more
+        log(WARNING, "histofed: federation stopped early: %s", stop)
+        run.write_privacy(recorder.privacy.report())
+        final = recorder.last_arrays or initial
+    run.save_model(final.to_torch_state_dict())
     log(INFO, "histofed: final global model written to %s", run.path)
     return recorder

@@ -43,6 +43,45 @@ def keys(
     console.print(f"keep {out / 'ca.key'} offline: it signs server certificates", highlight=False)
 
 
+@app.command()
+def start(
+    config: Annotated[Path, typer.Option(help="federation.toml: [server] settings and the [run.*] histofed config")],
+    insecure: Annotated[bool, typer.Option(help="no TLS and no node authentication: local tests only")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the run in [server] run-dir from its last checkpoint")] = False,
+) -> None:
+    """Start the SuperLink (TLS + node authentication), register site keys, run histofed; exit 1 if the run failed."""
+    import signal
+
+    from common.config import ConfigError
+    from common.flwr_process import FlowerRunError
+    from server.deploy import load_federation, start_federation
+
+    def _interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    say = lambda line: console.print(f"[server] {line}", highlight=False)  # noqa: E731
+    try:
+        fed = load_federation(config)
+        if insecure:
+            err_console.print("[bold yellow]WARNING: --insecure: no TLS, no node authentication; "
+                              "model updates travel in clear text and any machine can join[/bold yellow]")
+        status = start_federation(fed, insecure=insecure, resume=resume, say=say)
+    except ConfigError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    except FlowerRunError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: SuperLink and run stopped; resume with --resume")
+        raise typer.Exit(130) from None
+    if status.get("status") != "completed":
+        err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')}", highlight=False)
+        raise typer.Exit(1)
+    say(f"completed · run directory {fed.server.run_dir}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

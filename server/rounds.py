@@ -10,6 +10,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as P
 from common.metrics import pooled_report as pool
+from common.privacy import PrivacyMonitor
 from common.training import EvalResult
 from server.rundir import RunDirectory
 
@@ -45,6 +46,9 @@ class RoundRecorder:
         self.history: list[dict[str, Any]] = []
         self._train: dict[str, Any] = {}
         self._eval: dict[str, Any] = {}
+        self.privacy: PrivacyMonitor | None = None  # set by the ServerApp when privacy.mode is not off
+        self.last_arrays: ArrayRecord | None = None
+        self.offset = 0  # rounds completed before a resume: Flower restarts its numbering at 1
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower train_metrics_aggr_fn: keep per-site loss/time, return the weighted mean."""
@@ -55,6 +59,8 @@ class RoundRecorder:
                                "skipped-images": int(_metrics(r).get(P.SKIPPED, 0))}
             for i, r in enumerate(records)
         }
+        if self.privacy is not None:  # per-site ε: reported by DP-SGD sites, or accounted here for central DP
+            self.privacy.trained({_site_name(r, i): dict(_metrics(r)) for i, r in enumerate(records)})
         return aggregate_metricrecords(records, weighting_key)
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -64,12 +70,21 @@ class RoundRecorder:
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower evaluate_fn (called after each round, and at round 0): write the round's line."""
+        self.last_arrays = arrays  # the released global model (after any central-DP noise)
+        server_round += self.offset
+        if server_round > self.offset:  # a completed round: checkpoint before anything can fail
+            self.run.save_checkpoint(server_round, arrays.to_torch_state_dict())
         if not self._eval:
             return None
         record = {"round": server_round, **self._eval, "train": self._train}
+        if self.privacy is not None:
+            record["privacy"] = self.privacy.end_round(server_round)
+            self.run.write_privacy(self.privacy.report())
         self.run.log_round(record)
         self.history.append(record)
         self._train, self._eval = {}, {}
+        if self.privacy is not None:
+            self.privacy.check_next_round(server_round)  # central DP: stop before a round beyond the budget
         return _finite(record["global"])
 
 

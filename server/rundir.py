@@ -13,12 +13,15 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.weights import save_state_dict
+from common.weights import read_state_dict, save_state_dict
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 STATUS_FILE = "status.json"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_MODEL = "checkpoint.safetensors"
+PRIVACY_FILE = "privacy.json"
 
 
 def _clean(value: Any) -> Any:
@@ -40,8 +43,9 @@ class RunDirectory:
         self.data_kind = data_kind
         self.started = time.time()
         path.mkdir(parents=True, exist_ok=True)
-        (path / METRICS_FILE).write_text("")
-        self._write(CONFIG_FILE, {"data-kind": self.data_kind, "config": cfg.to_flat()})
+        if not cfg.output.resume:  # a resumed run keeps its config and the rounds already written
+            (path / METRICS_FILE).write_text("")
+            self._write(CONFIG_FILE, {"data-kind": self.data_kind, "config": cfg.to_flat()})
         self.status("running")
 
     @classmethod
@@ -61,6 +65,24 @@ class RunDirectory:
         """Write the global model as safetensors."""
         save_state_dict(state, self.path / MODEL_FILE)
         return self.path / MODEL_FILE
+
+    def save_checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+        """After every round: the global model and the round it completed (written atomically)."""
+        tmp = self.path / f".{CHECKPOINT_MODEL}.tmp"
+        save_state_dict(state, tmp)
+        tmp.replace(self.path / CHECKPOINT_MODEL)
+        self._write(CHECKPOINT_FILE, {"round": server_round, "model": CHECKPOINT_MODEL, "time": time.time()})
+
+    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """The last completed round and its global model; a clear error when there is none."""
+        meta = self.path / CHECKPOINT_FILE
+        if not meta.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.path}")
+        return int(json.loads(meta.read_text())["round"]), read_state_dict(self.path / CHECKPOINT_MODEL)
+
+    def write_privacy(self, report: Mapping[str, Any]) -> None:
+        """Write the privacy report: per site ε(δ) after each round, mechanism, σ, clipping, sampling, steps."""
+        self._write(PRIVACY_FILE, {"data-kind": self.data_kind, **report})
 
     def status(self, state: str, **extra: Any) -> None:
         """Record running / completed / failed (flwr run exits 0 either way; this file tells)."""

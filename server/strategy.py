@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from logging import ERROR
+from collections.abc import Callable, Iterable, Mapping
+from logging import ERROR, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping, DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy,
+)
 from flwr.supercore import log
 
 from common import protocol as P
-from common.config import FederationConfig
+from common.config import FederationConfig, PrivacyConfig
+from common.privacy import DECLINED, CentralPlan
 
 
 class KeyedAggregation:
@@ -27,10 +31,17 @@ class KeyedAggregation:
 
     reference: ArrayRecord | None = None
     transfer_dtype: str = "float32"
+    # called with (round, {site: (metrics, reason)}, sites still training) when sites decline (privacy budget spent)
+    on_declined: Callable[[int, Mapping[str, tuple[MetricRecord, str]], int], None] | None = None
 
-    def __init__(self, *args: object, transfer_dtype: str = "float32", **kwargs: object) -> None:
+    max_update_norm: float = 0.0
+
+    def __init__(
+        self, *args: object, transfer_dtype: str = "float32", max_update_norm: float = 0.0, **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.transfer_dtype = transfer_dtype
+        self.max_update_norm = max_update_norm
 
     def set_reference(self, arrays: ArrayRecord) -> None:
         """Remember key set, shapes and dtypes of the global model."""
@@ -56,12 +67,19 @@ class KeyedAggregation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate keys/shapes of every reply, aggregate with the base strategy, cast back."""
-        replies = list(replies)
+        replies = self._without_declined(server_round, list(replies))
+        if not replies:  # every sampled site declined: the model stays as it is
+            return None, None
         valid = sorted(  # a fixed order makes the floating-point sum independent of reply arrival
             (msg for msg in replies if msg.has_error() or self._fits(msg)), key=_site_key
         )
-        if replies and not any(not msg.has_error() for msg in valid):
-            raise RuntimeError(f"round {server_round}: no valid model update from any site")
+        usable = sum(not msg.has_error() for msg in valid)
+        required = min(max(1, getattr(self, "min_train_nodes", 1)), len(replies))  # declined sites left out
+        if usable < required:
+            raise RuntimeError(
+                f"round {server_round}: {usable} valid model update(s), fewer than the {required} required "
+                "(federation.min-train-sites); rejected updates are logged with their site"
+            )
         for msg in valid:  # float16 replies are averaged in the master dtype (float32), not in float16
             if self.reference is not None and not msg.has_error():
                 msg.content[P.ARRAYS] = self._like_reference(msg.content[P.ARRAYS])
@@ -70,6 +88,21 @@ class KeyedAggregation:
             arrays = self._like_reference(arrays)
             self.reference = arrays
         return arrays, metrics
+
+    def _without_declined(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Leave out sites that declined to train (their privacy budget is spent), logged and reported."""
+        declined: dict[str, tuple[MetricRecord, str]] = {}
+        kept = []
+        for msg in replies:
+            reason = "" if msg.has_error() else msg.content.config_records.get(P.SITE, {}).get(DECLINED, "")
+            if not reason:
+                kept.append(msg)
+                continue
+            declined[_site_key(msg)] = (msg.content.metric_records.get(P.METRICS, MetricRecord()), str(reason))
+            log(WARNING, "Site %s declined to train: %s", _site_key(msg), reason)
+        if declined and self.on_declined is not None:
+            self.on_declined(server_round, declined, sum(not msg.has_error() for msg in kept))
+        return kept
 
     def _like_reference(self, arrays: ArrayRecord) -> ArrayRecord:
         assert self.reference is not None
@@ -80,7 +113,7 @@ class KeyedAggregation:
             return True
         got = msg.content.array_records.get(P.ARRAYS)
         site = msg.content.config_records.get(P.SITE, {}).get(P.SITE_NAME, msg.metadata.src_node_id)
-        problem = _mismatch(self.reference, got)
+        problem = _mismatch(self.reference, got) or _unsafe(self.reference, got, self.max_update_norm)
         if problem:
             log(ERROR, "Rejected update from site %s: %s", site, problem)
         return not problem
@@ -91,18 +124,35 @@ def _floating(array: Array) -> bool:
 
 
 def _cast(arrays: ArrayRecord, dtypes: dict[str, str]) -> ArrayRecord:
-    """Arrays cast by key to `dtypes` (others, and those already right, reused without re-serialising)."""
-    out = {}
-    for key in arrays.keys():
-        arr, want = arrays[key], dtypes.get(key)
-        out[key] = arr if want is None or arr.dtype == want else Array(np.asarray(arr.numpy()).astype(want))
-    return ArrayRecord(out)
+    """Arrays cast by key to `dtypes`; the same record when nothing changes, else unchanged arrays keep their bytes."""
+    todo = {k for k in arrays.keys() if k in dtypes and arrays[k].dtype != dtypes[k]}
+    if not todo:
+        return arrays
+    return ArrayRecord({k: Array(np.asarray(arrays[k].numpy()).astype(dtypes[k])) if k in todo else arrays[k]
+                        for k in arrays.keys()})
 
 
 def _site_key(msg: Message) -> str:
     if msg.has_error():
         return f"~error-{msg.metadata.src_node_id}"
     return str(msg.content.config_records.get(P.SITE, {}).get(P.SITE_NAME, msg.metadata.src_node_id))
+
+
+def _unsafe(reference: ArrayRecord, got: ArrayRecord, max_norm: float) -> str:
+    """NaN/Inf anywhere, or an update (reply minus global model) longer than max_norm (0 = no bound)."""
+    squares = 0.0
+    for key in reference.keys():
+        new = np.asarray(got[key].numpy())
+        if not np.issubdtype(new.dtype, np.floating):
+            continue
+        if not np.isfinite(new).all():
+            return f"non-finite values (NaN/Inf) in '{key}'"
+        if max_norm > 0:
+            old = np.asarray(reference[key].numpy(), dtype=np.float64)
+            squares += float(np.sum((new.astype(np.float64) - old) ** 2))
+    if max_norm > 0 and squares ** 0.5 > max_norm:
+        return f"update norm {squares ** 0.5:.3g} exceeds federation.max-update-norm {max_norm:g}"
+    return ""
 
 
 def _mismatch(reference: ArrayRecord, got: ArrayRecord | None) -> str:
@@ -145,4 +195,25 @@ def build_strategy(
         train_metrics_aggr_fn=train_metrics,
         evaluate_metrics_aggr_fn=evaluate_metrics,
         transfer_dtype=cfg.transfer_dtype,
+        max_update_norm=cfg.max_update_norm,
     )
+
+
+def wrap_central_dp(strategy: Strategy, plan: CentralPlan, privacy: PrivacyConfig) -> Strategy:
+    """Flower's central-DP wrapper named by privacy.mode around the strategy (fixed: McMahan et al. 2018; adaptive: Andrew et al. 2021).
+
+    Adaptive clipping spends part of the privacy on the noisy clipped-count: its std is Andrew et al.'s
+    sites/20, raised to 1.58·σ when that is too small (a few hospitals), i.e. about 10 % of the budget.
+    """
+    z, norm, sampled = plan.noise_multiplier, plan.clipping_norm, plan.num_sampled
+    if plan.mode == "central-fixed-server":
+        return DifferentialPrivacyServerSideFixedClipping(strategy, z, norm, sampled)
+    if plan.mode == "central-fixed-client":
+        return DifferentialPrivacyClientSideFixedClipping(strategy, z, norm, sampled)
+    adaptive = {"initial_clipping_norm": norm, "target_clipped_quantile": privacy.target_clipped_quantile,
+                "clip_norm_lr": privacy.clip_norm_lr, "clipped_count_stddev": max(sampled / 20, 1.58 * z)}
+    if plan.mode == "central-adaptive-server":
+        return DifferentialPrivacyServerSideAdaptiveClipping(strategy, z, sampled, **adaptive)
+    if plan.mode == "central-adaptive-client":
+        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, z, sampled, **adaptive)
+    raise ValueError(f"privacy.mode '{plan.mode}' is not a central-DP mode")

@@ -16,6 +16,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ SIZES: dict[str, Size] = {
         train={"model.image-size": 96}, batch=32, warmup=2, steps=3, repeats=3,
         compile_backend="inductor", compile_timeout_s=240.0,
         demo={},  # the Quickstart scenario as it ships: 5 rounds x 1 local epoch, 64 px
-        compute={"train.local-epochs": 3, "federation.rounds": 3},  # same data/model, 3x the compute per round
+        compute={"train.local-epochs": 4, "federation.rounds": 2},  # same data/model, 4x the compute per round
     ),
     "tiny": Size(
         train=_TINY_MODEL, batch=4, warmup=1, steps=1, repeats=2, compile_backend="eager", compile_timeout_s=120.0,
@@ -72,7 +73,7 @@ def scale(name: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     pooled = fed.pooled(fed.scenario_config(overrides), threads=federated["threads-total"])
     return {"overrides": overrides, "federated": federated, "pooled": pooled,
             "federated/pooled wall": round(federated["wall-s"] / pooled["wall-s"], 3),
-            "federated minus start-up / pooled": round(float(federated["serverapp-s"]) / pooled["wall-s"], 3)}
+            "serverapp/pooled wall": round(float(federated["serverapp-s"]) / pooled["wall-s"], 3)}
 
 
 def transfer(size: Size, probe: dict[str, Any], demo: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -107,8 +108,9 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, work: Path) -> dict[str, Any]:
-    """Every benchmark at one size; returns the nested result."""
+def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, work: Path,
+        save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """Every benchmark at one size; `save` gets the partial result after each stage; returns the nested result."""
     size, start = SIZES[size_name], time.perf_counter()
     torch.set_num_threads(threads)
     train_cfg = fed.scenario_config(size.train)
@@ -123,13 +125,17 @@ def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, wor
                                                repeats=size.repeats, timeout_s=size.compile_timeout_s,
                                                backend=size.compile_backend, cold=cold_compile)
                          if compile_ else {"compile": "skipped (--no-compile)"})
+    save(result)
     probe = fed.client_probe(size.demo)
     result["memory"] = {k: v for k, v in probe.items() if "rss" in k}
-    demo = scale("demo", size.demo, work)
-    result["transfer"] = transfer(size, probe, demo, work)
-    result["federation"] = {"demo": demo, "compute": scale("compute", size.compute, work)}
-    result["memory"]["peak-rss-mib (largest ray client worker, demo run)"] = \
-        demo["federated"]["peak-rss-mib (largest ray client worker)"]
+    result["federation"] = {"demo": scale("demo", size.demo, work)}
+    save(result)
+    result["transfer"] = transfer(size, probe, result["federation"]["demo"], work)
+    save(result)
+    result["federation"]["compute"] = scale("compute", size.compute, work)
+    demo = result["federation"]["demo"]
+    for key in ("peak-rss-mib (largest ray client worker)", "peak-uss-mib (largest ray client worker)"):
+        result["memory"][f"{key[:-1]}, demo run)"] = demo["federated"][key]
     result["goals"] = goals(result)
     result["elapsed-s"] = round(time.perf_counter() - start, 1)
     return result
@@ -160,11 +166,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the img/s figures (default 1)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the federated run directories here")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "simulations.bench", *(sys.argv[1:] if argv is None else argv)])
+
+    def save(partial: dict[str, Any]) -> None:
+        if args.out:  # written after every stage, so a later failure keeps the figures already measured
+            args.out.write_text(json.dumps({**partial, "command": command, "partial": True}, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="histofed-bench-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         result = run(args.size, compile_=not args.no_compile, cold_compile=args.cold_compile,
-                     threads=args.threads, work=work)
-    result["command"] = shlex.join(["python", "-m", "simulations.bench", *(sys.argv[1:] if argv is None else argv)])
+                     threads=args.threads, work=work, save=save)
+    result["command"] = command
     rows = table(result)
     width = max(len(k) for k, _ in rows)
     print("histofed benchmark (SYNTHETIC data)")

@@ -54,8 +54,16 @@ def scenario_config(overrides: dict[str, Any], scenario: str = DEFAULT_SCENARIO)
     return get_scenario(scenario).config().override(overrides)
 
 
-def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]]) -> int:
-    """Record each Flower/Ray process's RSS (processes whose command line names the run, and descendants)."""
+def _is_client_worker(name: str) -> bool:
+    return name.startswith("ray::ClientAppActor")
+
+
+def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]], uss: dict[int, int]) -> int:
+    """Record the RSS of each Flower/Ray process of a run (command line names it, or a descendant of one).
+
+    For Ray's ClientApp workers also the USS (memory no other process shares: what one more client costs).
+    Returns the summed RSS of this sample (shared library pages counted once per process).
+    """
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -75,6 +83,8 @@ def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]]) -> int:
             seen.add(proc.pid)
             try:
                 rss, name = proc.memory_info().rss, proc.name()
+                if _is_client_worker(name):
+                    uss[proc.pid] = max(uss.get(proc.pid, 0), proc.memory_full_info().uss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += rss
@@ -83,13 +93,28 @@ def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]]) -> int:
     return total
 
 
-def federated(overrides: dict[str, Any], run_dir: Path, *, timeout_s: float = 1800.0,
+def federated(overrides: dict[str, Any], run_dir: Path, *, timeout_s: float = 900.0, start_timeout_s: float = 240.0,
               scenario: str = DEFAULT_SCENARIO) -> dict[str, Any]:
-    """`flower-sim run SCENARIO --set ...` as a subprocess: wall time, ServerApp time, accuracy, sampled RSS."""
+    """`flower-sim run SCENARIO --set ...` as a subprocess: wall time, ServerApp time, accuracy, sampled RSS.
+
+    A run whose ServerApp has not started after `start_timeout_s` (a Flower start-up hang, seen on a
+    busy shared machine) is stopped and started once more in a fresh run directory.
+    """
+    for attempt in range(2):
+        attempt_dir = run_dir if attempt == 0 else run_dir.with_name(f"{run_dir.name}-retry")
+        measured = _federated_once(overrides, attempt_dir, scenario, timeout_s, start_timeout_s)
+        if measured is not None:
+            return {**measured, "attempts": attempt + 1}
+    raise RuntimeError(f"flower-sim did not start the ServerApp within {start_timeout_s:g} s, twice ({run_dir})")
+
+
+def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, timeout_s: float,
+                    start_timeout_s: float) -> dict[str, Any] | None:
     cmd = [FLOWER_SIM, "run", scenario, "--run-dir", str(run_dir)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     peaks: dict[int, tuple[str, int]] = {}
+    uss: dict[int, int] = {}
     peak_total = 0
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with (run_dir.parent / f"{run_dir.name}.stdout").open("w") as out:
@@ -97,11 +122,15 @@ def federated(overrides: dict[str, Any], run_dir: Path, *, timeout_s: float = 18
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         while proc.poll() is None:
-            if time.perf_counter() - start > timeout_s:
-                os.killpg(proc.pid, signal.SIGTERM)  # flower-sim cleans up its Flower processes on SIGTERM
+            elapsed = time.perf_counter() - start
+            hung = elapsed > start_timeout_s and not read_status(run_dir)
+            if hung or elapsed > timeout_s:
+                os.killpg(proc.pid, signal.SIGTERM)  # flower-sim stops its Flower processes on SIGTERM
                 proc.wait(timeout=60)
+                if hung:
+                    return None
                 break
-            peak_total = max(peak_total, _rss_sample(str(run_dir / ".flwr"), peaks))
+            peak_total = max(peak_total, _rss_sample(str(run_dir / ".flwr"), peaks, uss))
             time.sleep(0.5)
         wall = time.perf_counter() - start
     status, history = read_status(run_dir), read_history(run_dir)
@@ -109,17 +138,19 @@ def federated(overrides: dict[str, Any], run_dir: Path, *, timeout_s: float = 18
         raise RuntimeError(f"flower-sim run failed (exit {proc.returncode}): {status.get('error', 'no status')}; "
                            f"see {run_dir.parent / (run_dir.name + '.stdout')}")
     config = json.loads((run_dir / "config.json").read_text())["config"]
-    workers = [rss for name, rss in peaks.values() if name.startswith("ray::") and "Actor" in name]
-    train_s = [site["seconds"] for rec in history for site in rec.get("train", {}).values()]
+    workers = [rss for name, rss in peaks.values() if _is_client_worker(name)]
+    train_s = [max((site["seconds"] for site in rec["train"].values()), default=0.0) for rec in history
+               if rec.get("train")]  # per round, the slowest site: the training span of the round
     return {
         "wall-s": round(wall, 1),
         "serverapp-s": status.get("elapsed-s"),
         "start-up-and-teardown-s": round(wall - float(status.get("elapsed-s", 0.0)), 1),
         "round-0-evaluation-done-s": history[0]["elapsed-s"] if history else None,
-        "site-train-s (sum)": round(sum(train_s), 1),
+        "train-s (slowest site per round, summed)": round(sum(train_s), 1),
         "threads-total": int(config["train.num-threads"]) * int(config["federation.num-sites"]),
         "accuracy": status.get("final", {}).get("accuracy"),
         "peak-rss-mib (largest ray client worker)": round(max(workers) / MIB, 1) if workers else None,
+        "peak-uss-mib (largest ray client worker)": round(max(uss.values()) / MIB, 1) if uss else None,
         "ray-client-workers": len(workers),
         "peak-rss-mib (all flower+ray processes)": round(peak_total / MIB, 1),
         "data-kind": status.get("data-kind"),
@@ -151,7 +182,7 @@ def pooled(cfg: RunConfig, *, threads: int) -> dict[str, Any]:
         wall = time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
-    return {"wall-s": round(wall, 1), "train-s": round(train_s, 1), "threads": threads,
+    return {"wall-s": round(wall, 2), "train-s": round(train_s, 2), "threads": threads,
             "accuracy": report["global"]["accuracy"], "data-kind": data_kind(cfg.data.dataset, cfg.data.root)}
 
 

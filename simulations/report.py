@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from common.attention import attention_maps, overlay  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import get_dataset  # noqa: E402
-from common.model import build_model  # noqa: E402
+from common.privacy import build_model_for  # noqa: E402 - the run's model (DP-compatible when privacy is on)
 from common.weights import load_weights, read_state_dict  # noqa: E402
 from simulations.runner import read_history  # noqa: E402
 
@@ -90,7 +90,7 @@ def plot_attention(run_dir: Path, cfg: RunConfig, path: Path, count: int = 6) ->
     weights = run_dir / "model.safetensors"
     if cfg.model.architecture != "hybrid" or not weights.is_file():
         return None
-    model = build_model(cfg.model, load_pretrained=False)
+    model = build_model_for(cfg.model, cfg.privacy, load_pretrained=False)
     load_weights(model, read_state_dict(weights))
     split = get_dataset(cfg.data.dataset).load_split(cfg, cfg.federation.training_sites[0], "test")
     picks = [split[i] for i in range(min(count, len(split)))]

@@ -85,3 +85,19 @@ def test_report_of_an_empty_run_is_an_error(tmp_path: Path) -> None:
     else:
         raise AssertionError("expected a ValueError")
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "running"
+
+
+def test_checkpoint_round_trip_and_resume_keeps_history(tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    import torch
+
+    from server.rundir import RunDirectory as RD
+
+    cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / "run")})
+    run = RD.for_config(cfg, data_kind="synthetic")
+    run.log_round({"round": 0, "global": {}, "sites": {}})
+    state = build_model(cfg.model).state_dict()
+    run.save_checkpoint(2, state)
+    resumed = RD.for_config(cfg.override({"output.resume": True}), data_kind="synthetic")
+    done, loaded = resumed.load_checkpoint()
+    assert done == 2 and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # history kept

@@ -75,12 +75,34 @@ def test_reply_with_wrong_shape_is_dropped() -> None:
     strategy, _ = _strategy()
     bad = _state(100.0, 1)
     bad["w"] = np.zeros((3, 2), dtype=np.float32)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0, 1), 10), _reply(2, bad, 10)])
+    replies = [_reply(1, _state(1.0, 1), 10), _reply(2, _state(1.0, 1), 10), _reply(3, bad, 10)]
+    arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 1.0))
 
 
 def test_no_valid_update_fails_the_round() -> None:
     strategy, _ = _strategy()
     bad = {"other": np.zeros(1, dtype=np.float32)}
-    with pytest.raises(RuntimeError, match="no valid model update"):
+    with pytest.raises(RuntimeError, match="0 valid model update"):
         strategy.aggregate_train(1, [_reply(1, bad, 10)])
+
+
+def test_nan_and_oversized_updates_are_rejected_by_site() -> None:
+    from common.config import FederationConfig as FC
+    from server.strategy import build_strategy as build
+
+    strategy = build(FC(max_update_norm=10.0, min_train_sites=1, min_evaluate_sites=1, min_available_sites=1),
+                     train_metrics=lambda r, k: MetricRecord({}), evaluate_metrics=lambda r, k: MetricRecord({}))
+    strategy.set_reference(_arrays(_state(0.0, 0)))
+    nan = _state(1.0, 1)
+    nan["w"][0, 0] = np.nan
+    huge = _state(100.0, 1)  # distance to the global model far beyond 10
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0, 1), 10), _reply(2, nan, 10), _reply(3, huge, 10)])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 1.0))
+
+
+def test_fewer_valid_updates_than_the_minimum_fail_the_round() -> None:
+    strategy, _ = _strategy()  # min-train-sites = 2
+    bad = {"other": np.zeros(1, dtype=np.float32)}
+    with pytest.raises(RuntimeError, match="1 valid model update.s., fewer than the 2 required"):
+        strategy.aggregate_train(1, [_reply(1, _state(1.0, 1), 10), _reply(2, bad, 10)])

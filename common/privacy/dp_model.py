@@ -1,0 +1,95 @@
+"""The DP-compatible hybrid: BatchNorm → GroupNorm, in-place activations off, nn.GRU → Opacus DPGRU, fast grouped convs.
+
+Opacus cannot compute per-sample gradients through BatchNorm (it mixes samples), and its validator does
+not notice timm's `BatchNormAct2d` (an nn.BatchNorm2d subclass), so `make_private` would fail late.
+Every norm layer becomes `GroupNormAct` (a plain nn.GroupNorm, which Opacus handles natively, then the
+activation). Server and every client build this model with the SAME function from the SAME config, so
+weights match by key (`bn1.norm.weight`, ...). The model has no buffers, so nothing but weights travels.
+"""
+
+from __future__ import annotations
+
+import math
+
+from opacus.layers import DPGRU
+from opacus.validators import ModuleValidator
+from timm.layers.norm_act import BatchNormAct2d
+from torch import nn
+
+from common.config import ConfigError, ModelConfig
+from common.privacy.grad_sampler import use_fast_convs
+
+MAX_NORM_GROUPS = 32  # GroupNorm groups: gcd(channels, 32) (Wu & He 2018 use 32)
+
+
+class GroupNormAct(nn.Module):
+    """GroupNorm → dropout → activation, the DP replacement of timm's BatchNormAct2d (no running statistics)."""
+
+    def __init__(self, num_channels: int, *, eps: float, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(math.gcd(num_channels, MAX_NORM_GROUPS), num_channels, eps=eps, affine=True)
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x):  # B x C x H x W → same
+        return self.act(self.drop(self.norm(x)))
+
+
+def _group_norm_from(bn: nn.BatchNorm2d) -> nn.Module:
+    """GroupNorm(+act) keeping the BatchNorm's affine weights (e.g. from a pretrained file); statistics are dropped."""
+    if isinstance(bn, BatchNormAct2d):
+        new: nn.Module = GroupNormAct(bn.num_features, eps=bn.eps, drop=bn.drop, act=bn.act)
+        norm = new.norm
+    else:
+        new = norm = nn.GroupNorm(math.gcd(bn.num_features, MAX_NORM_GROUPS), bn.num_features, eps=bn.eps)
+    if bn.affine:
+        norm.weight.data.copy_(bn.weight.data)
+        norm.bias.data.copy_(bn.bias.data)
+    return new
+
+
+def _gru_from(gru: nn.GRU) -> DPGRU:
+    """Opacus's DPGRU with the GRU's weights (same parameter names; the key order differs, so load by key)."""
+    dp = DPGRU(gru.input_size, gru.hidden_size, num_layers=gru.num_layers, bias=gru.bias,
+               batch_first=gru.batch_first, dropout=gru.dropout, bidirectional=gru.bidirectional)
+    dp.load_state_dict(gru.state_dict())
+    return dp
+
+
+def _replace_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _group_norm_from(child))
+        elif type(child) is nn.GRU:
+            setattr(module, name, _gru_from(child))
+        else:
+            _replace_children(child)
+
+
+def make_dp_compatible(model: nn.Module, *, fast_depthwise: bool = True, what: str = "model") -> nn.Module:
+    """Convert in place (and return) a model for DP-SGD; raise ConfigError when Opacus still rejects a layer."""
+    _replace_children(model)
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False  # in-place ops break Opacus's backward hooks
+    if fast_depthwise:
+        use_fast_convs(model)
+    errors = ModuleValidator.validate(model, strict=False)
+    buffers = [name for name, _ in model.named_buffers()]
+    if errors or buffers:
+        first = str(errors[0]).splitlines()[0] if errors else f"buffer '{buffers[0]}' (running statistics)"
+        raise ConfigError(
+            f"differential privacy cannot use this {what}: {first}. "
+            "Set privacy.mode=off or choose model.architecture=hybrid"
+        )
+    return model
+
+
+def check_dp_architecture(cfg: ModelConfig) -> None:
+    """DP-SGD is built for the hybrid; the paper's baselines keep BatchNorm layers histofed does not convert."""
+    if cfg.architecture != "hybrid":
+        raise ConfigError(
+            f"invalid value for 'model.architecture': differential privacy (privacy.mode) supports the hybrid "
+            f"only; the baseline '{cfg.architecture}' is a BatchNorm model that histofed does not convert "
+            f"(got '{cfg.architecture}')"
+        )

@@ -1,0 +1,129 @@
+"""What travels and what is reported: privacy record keys, per-site ε per round, the budget policy and privacy.json."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from common.config import RunConfig
+from common.privacy.accounting import (
+    CENTRAL_MECHANISM, LOCAL_MECHANISM, CentralAccountant, plan_central,
+)
+
+# MetricRecord keys a DP site adds to its train reply (numbers only)
+EPSILON = "privacy-epsilon"
+DELTA = "privacy-delta"
+NOISE = "privacy-noise-multiplier"
+SAMPLE_RATE = "privacy-sample-rate"
+STEPS = "privacy-steps"
+TOTAL_STEPS = "privacy-total-steps"
+MAX_GRAD_NORM = "privacy-max-grad-norm"
+BUDGET = "privacy-budget"
+# ConfigRecord key (in the reply's site record): why the site declined to train
+DECLINED = "privacy-declined"
+
+PRIVACY_FILE = "privacy.json"
+_FIELDS = {EPSILON: "epsilon", DELTA: "delta", NOISE: "noise-multiplier", SAMPLE_RATE: "sample-rate",
+           STEPS: "steps", TOTAL_STEPS: "total-steps", MAX_GRAD_NORM: "max-grad-norm", BUDGET: "budget"}
+NOT_COVERED = ("ε bounds what the model weights a site sends can reveal about one record; the training loss and "
+               "the evaluation counts (confusion matrix, score histograms) each site also reports are not covered")
+
+
+class PrivacyBudgetStop(RuntimeError):
+    """The federation stops: a site's budget is spent and the policy says stop (or no site can train any more)."""
+
+
+def encode_metrics(result: Any) -> dict[str, float | int]:
+    """A PrivateTrainResult as MetricRecord values."""
+    plan = result.plan
+    return {EPSILON: float(result.epsilon), DELTA: float(plan.delta), NOISE: float(plan.noise_multiplier),
+            SAMPLE_RATE: float(plan.sample_rate), STEPS: int(result.steps), TOTAL_STEPS: int(result.total_steps),
+            MAX_GRAD_NORM: float(plan.max_grad_norm), BUDGET: float(plan.budget)}
+
+
+def decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The privacy fields of one site's reply ({} when the site did not run DP-SGD)."""
+    if EPSILON not in metrics:
+        return {}
+    return {name: (int(metrics[key]) if name.endswith("steps") else float(metrics[key]))
+            for key, name in _FIELDS.items() if key in metrics}
+
+
+class PrivacyMonitor:
+    """Server-side privacy bookkeeping for one run: ε per site and round, budget policy, the privacy report."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.mode = cfg.privacy.mode
+        self.central = CentralAccountant(plan_central(cfg)) if self.mode.startswith("central") else None
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.stopped = ""
+        self.clipping_norm_fn: Callable[[], float] = lambda: cfg.privacy.clipping_norm  # central: the wrapper's norm
+        self._round: dict[str, dict[str, Any]] = {}
+
+    def trained(self, metrics_by_site: Mapping[str, Mapping[str, Any]]) -> None:
+        """Train replies of a round: local ε as reported by each site, or central ε accounted here."""
+        if self.central is not None:
+            examples = {site: int(m.get("num-examples", 0)) for site, m in metrics_by_site.items()}
+            entries = self.central.record(examples)
+            for site, entry in entries.items():
+                entry["clipping-norm"] = float(self.clipping_norm_fn())
+            self._round.update(entries)
+            return
+        for site, metrics in metrics_by_site.items():
+            entry = decode_metrics(metrics)
+            if entry:
+                self._round[site] = entry
+
+    def declined(self, server_round: int, declined: Mapping[str, tuple[Mapping[str, Any], str]], remaining: int) -> None:
+        """Sites that declined to train (budget spent): record them, then apply privacy.on-budget-exhausted."""
+        for site, (metrics, reason) in declined.items():
+            self._round[site] = {**decode_metrics(metrics), "declined": reason}
+        reasons = "; ".join(reason for _, reason in declined.values())
+        if self.cfg.privacy.on_budget_exhausted == "stop":
+            self.stop(f"round {server_round}: {reasons} (privacy.on-budget-exhausted=stop)")
+        if remaining == 0:
+            self.stop(f"round {server_round}: no site can train within its privacy budget any more: {reasons}")
+
+    def stop(self, reason: str) -> None:
+        """Record why the federation stops and raise PrivacyBudgetStop."""
+        self.stopped = reason
+        raise PrivacyBudgetStop(reason)
+
+    def end_round(self, server_round: int) -> dict[str, dict[str, Any]]:
+        """This round's per-site entries (for metrics.jsonl), added to the report."""
+        entries, self._round = self._round, {}
+        for site, entry in entries.items():
+            row = self.sites.setdefault(site, {"rounds": []})
+            row["rounds"].append({"round": server_round, **entry})
+            row.update({k: v for k, v in entry.items() if k not in ("declined", "weight")})
+        return entries
+
+    def check_next_round(self, server_round: int) -> None:
+        """Central DP: stop before a round that would exceed the budget (local sites decline on their own)."""
+        if self.central is not None and server_round < self.cfg.federation.rounds:
+            reason = self.central.next_round_exceeds()
+            if reason:
+                self.stop(f"after round {server_round}: {reason}")
+
+    def report(self) -> dict[str, Any]:
+        """The privacy report (privacy.json): per site ε(δ) after each round and every setting that produced it."""
+        p = self.cfg.privacy
+        body: dict[str, Any] = {
+            "mode": self.mode, "accountant": p.accountant, "budget-epsilon": p.target_epsilon,
+            "on-budget-exhausted": p.on_budget_exhausted, "stopped": self.stopped or None, "not-covered": NOT_COVERED,
+        }
+        if self.central is not None:
+            plan = self.central.plan
+            body.update(mechanism=CENTRAL_MECHANISM[self.mode], unit="one hospital (all its records)",
+                        **{"noise-multiplier": plan.noise_multiplier, "initial-clipping-norm": plan.clipping_norm,
+                           "sites-per-round": plan.num_sampled, "delta": plan.delta, "sample-rate": 1.0,
+                           "planned-rounds": plan.rounds})
+            if "adaptive" in self.mode:
+                body.update({"target-clipped-quantile": p.target_clipped_quantile, "clip-norm-lr": p.clip_norm_lr})
+        else:
+            body.update(mechanism=LOCAL_MECHANISM, unit="one training image", **{
+                "poisson-sampling": p.poisson_sampling, "noise-multiplier-setting": p.noise_multiplier,
+                "fast-depthwise": p.fast_depthwise})
+        body["sites"] = self.sites
+        return body

@@ -1,0 +1,140 @@
+"""Local DP-SGD for one site and one round: budget check against the ledger, Opacus PrivacyEngine, ledger update."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.config import RunConfig
+from common.datasets.splits import SiteSplit, collate_skipping
+from common.privacy.accounting import History, LocalPlan, epsilon, extend, plan_local
+from common.privacy.ledger import PrivacyLedger
+from common.training import OPTIMIZERS, TrainResult, augment, to_input
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    """One site's DP-SGD round, or why it declined (then `train` is None and `declined` says why)."""
+
+    plan: LocalPlan
+    epsilon: float  # spent after this round (or so far, when the site declined)
+    steps: int  # DP-SGD steps this round
+    total_steps: int  # steps in the site's whole ledger
+    rounds: int  # rounds in the site's ledger
+    train: TrainResult | None = None
+    declined: str = ""
+
+
+def _collate(batch: list[tuple[np.ndarray | None, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """collate_skipping with the skipped count as a tensor (Opacus builds empty Poisson batches from tensors only)."""
+    images, labels, skipped = collate_skipping(batch)
+    return images, labels, torch.tensor([skipped])
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch still takes a step: zero clipped gradients plus noise (and the accountant counts it)."""
+    for p in optimizer.params:  # type: ignore[attr-defined]
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+
+
+def dp_input(x: torch.Tensor) -> torch.Tensor:
+    """DP-SGD input in NCHW: Opacus 1.6's own Conv2d sampler returns wrong per-sample gradients for channels_last
+    activations (measured: relative error > 1), which would void the clipping; histofed's fast sampler is exact in both."""
+    return x.contiguous()
+
+
+def _secret_generator() -> torch.Generator:
+    """Noise and Poisson sampling must be unpredictable: never seeded from the public train.seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def dp_sgd(
+    model: nn.Module, data: SiteSplit, cfg: RunConfig, device: torch.device, plan: LocalPlan, history: History,
+    *, seed: int,
+) -> tuple[TrainResult, History]:
+    """Train in place with Opacus (hooks on the unwrapped model, keys unchanged); returns the result and new history."""
+    from opacus import PrivacyEngine
+
+    from common.privacy import grad_sampler  # noqa: F401 - registers the fast grouped-conv sampler
+
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented: noise from OS-seeded torch RNG
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the stem's input needs no grad
+    engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.history = list(history)  # restored: the new engine continues where the ledger stands
+    model.to(memory_format=torch.contiguous_format).train()  # NCHW: see dp_input
+    opt = OPTIMIZERS[cfg.train.optimizer](model.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=_secret_generator(),
+                        num_workers=cfg.train.num_workers, collate_fn=_collate)
+    hooks, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, poisson_sampling=cfg.privacy.poisson_sampling,
+        noise_generator=_secret_generator(), wrap_model=False,
+    )
+    gen = torch.Generator().manual_seed(seed)  # augmentation only
+    total, seen, skipped, start = 0.0, 0, 0, time.perf_counter()
+    try:
+        for _ in range(cfg.train.local_epochs):
+            for batch in dp_loader:
+                images, labels = batch[0], batch[1]
+                skipped += int(batch[2].sum()) if len(batch) > 2 else 0
+                dp_opt.zero_grad(set_to_none=True)
+                if labels.numel() == 0:
+                    _noise_only_step(dp_opt)
+                    continue
+                x = dp_input(augment(to_input(images, device), gen))
+                y = labels.to(device, non_blocking=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                dp_opt.step()
+                total += float(loss.detach()) * labels.numel()
+                seen += labels.numel()
+    finally:
+        dp_opt.zero_grad(set_to_none=True)
+        hooks.cleanup()  # the model object is reused next round (and by evaluate) without hooks
+    result = TrainResult(loss=total / seen if seen else 0.0, num_examples=len(data),
+                         seconds=time.perf_counter() - start, skipped=skipped // cfg.train.local_epochs)
+    return result, [tuple(h) for h in engine.accountant.history]  # type: ignore[misc]
+
+
+def train_private(
+    model: nn.Module, data: SiteSplit, cfg: RunConfig, device: torch.device, *, seed: int, site: str,
+    ledger_file: Path, server_round: int = 0, run_id: int | str = "",
+) -> PrivateTrainResult:
+    """Check the site's budget, train one round with DP-SGD and record it in the ledger (write-ahead)."""
+    if len(data) == 0:
+        raise ValueError("cannot train on a site with zero training images")
+    plan = plan_local(cfg, len(data))
+    ledger = PrivacyLedger.open(ledger_file, site=site)
+    spent = epsilon(ledger.history, delta=plan.delta, accountant=plan.accountant)
+    planned = extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    after = epsilon(planned, delta=plan.delta, accountant=plan.accountant)
+    done = sum(1 for r in ledger.rounds if r.get("status") == "done")
+    if after > plan.budget * (1 + 1e-9):
+        reason = (f"site {site} declines round {server_round}: privacy budget exhausted (ε = {spent:.3f} spent "
+                  f"over {done} rounds; one more round would reach ε = {after:.3f} > budget {plan.budget:g} "
+                  f"at δ = {plan.delta:g}; ledger {ledger_file})")
+        return PrivateTrainResult(plan, spent, 0, ledger.steps, done, declined=reason)
+    before = list(ledger.history)
+    ledger.history = planned  # write-ahead: a crash mid-round leaves the planned steps counted
+    ledger.rounds.append({"run": str(run_id), "round": server_round, "status": "training",
+                          "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                          "max-grad-norm": plan.max_grad_norm, "steps": plan.steps_per_round,
+                          "delta": plan.delta, "accountant": plan.accountant, "epsilon": after})
+    ledger.save()
+    result, history = dp_sgd(model, data, cfg, device, plan, before, seed=seed)
+    ledger.history = history
+    spent = epsilon(history, delta=plan.delta, accountant=plan.accountant)
+    steps = sum(n for _, _, n in history) - sum(n for _, _, n in before)
+    ledger.rounds[-1].update(status="done", steps=steps, epsilon=spent)
+    ledger.save()
+    return PrivateTrainResult(plan, spent, steps, ledger.steps, done + 1, train=result)

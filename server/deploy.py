@@ -1,0 +1,176 @@
+"""`flower-server start`: a TLS + node-authenticated SuperLink, site-key registration, the histofed run, clean-up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.config import ConfigError, RunConfig
+from common.flwr_process import (
+    FlowerRunError, find_app_dir, flwr_environment, flwr_executable, read_history, submit_and_wait,
+    write_connection, write_run_config,
+)
+
+CONNECTION = "histofed-federation"
+
+
+class ServerSettings(BaseModel):
+    """The [server] table of federation.toml."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True)
+
+    host: str = Field("0.0.0.0", description="interface the SuperLink binds (0.0.0.0 = all)")
+    port: int = Field(9093, ge=1, le=65535, description="the one port hospitals connect to")
+    address: str = Field("", description="how this machine reaches the SuperLink ('' = 127.0.0.1:port)")
+    ca_cert: str = Field("", description="consortium CA certificate")
+    server_cert: str = Field("", description="server certificate (SAN = the host names sites use)")
+    server_key: str = Field("", description="server private key")
+    site_keys: list[str] = Field(default_factory=list, description="public keys of the admitted sites")
+    run_dir: str = Field("runs/federation", description="run directory (state database, metrics, checkpoints)")
+    timeout_s: float = Field(7 * 86400.0, gt=0, description="wall-clock limit of the run")
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A validated federation.toml: server settings (paths absolute) and the histofed run config."""
+
+    server: ServerSettings
+    run: RunConfig
+
+
+def load_federation(path: Path) -> Federation:
+    """Read and validate federation.toml; relative paths are relative to the file. One-line ConfigError."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"federation config not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    unknown = sorted(set(raw) - {"server", "run"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (expected [server] and [run.*])")
+    try:
+        server = ServerSettings.model_validate(raw.get("server", {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: [server] {key}: {first['msg']}") from None
+    base = path.parent.resolve()
+    absolute = lambda p: str((base / p).resolve()) if p else ""  # noqa: E731
+    server = server.model_copy(update={
+        "ca_cert": absolute(server.ca_cert), "server_cert": absolute(server.server_cert),
+        "server_key": absolute(server.server_key), "site_keys": [absolute(k) for k in server.site_keys],
+        "run_dir": absolute(server.run_dir),
+    })
+    return Federation(server, RunConfig.validate_nested(raw.get("run", {})))
+
+
+def check_ready(fed: Federation, *, insecure: bool) -> None:
+    """Files exist, the port is free: otherwise a one-line error naming the culprit, before anything starts."""
+    s = fed.server
+    needed = {"site-keys": s.site_keys} if insecure else {
+        "ca-cert": [s.ca_cert], "server-cert": [s.server_cert], "server-key": [s.server_key], "site-keys": s.site_keys,
+    }
+    for key, paths in needed.items():
+        for p in paths:
+            if not p or not Path(p).is_file():
+                raise ConfigError(f"[server] {key}: file not found: {p or '(not set)'} (make them with `flower-server keys`)")
+    if not insecure and not s.site_keys:
+        raise ConfigError("[server] site-keys is empty: node authentication admits no site")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+        try:
+            sock.bind((s.host, s.port))
+        except OSError as err:
+            raise ConfigError(f"port {s.port} on {s.host} is not available ({err.strerror})") from None
+
+
+def superlink_command(fed: Federation, run_dir: Path, *, insecure: bool) -> list[str]:
+    """flower-superlink with TLS and SuperNode authentication (or --insecure), state in the run directory."""
+    s = fed.server
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", s.host, "--port", str(s.port),
+           "--database", str(run_dir / "state.db"), "--disable-runtime-dependency-installation"]
+    if insecure:
+        return cmd + ["--insecure"]
+    return cmd + ["--ssl-ca-certfile", s.ca_cert, "--ssl-certfile", s.server_cert, "--ssl-keyfile", s.server_key,
+                  "--enable-supernode-auth"]
+
+
+def start_federation(
+    fed: Federation, *, insecure: bool, resume: bool, say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Start the SuperLink, register site keys, submit and follow the run; stop everything at the end."""
+    run_dir = Path(fed.server.run_dir)
+    if resume and not (run_dir / "checkpoint.json").is_file():
+        raise ConfigError(f"nothing to resume: {run_dir / 'checkpoint.json'} does not exist")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} exists and is not empty (use --resume to continue it)")
+    check_ready(fed, insecure=insecure)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = run_dir / ".flwr"
+    address = fed.server.address or f"127.0.0.1:{fed.server.port}"
+    write_connection(flwr_home, CONNECTION, {"address": address, "insecure": True} if insecure
+                     else {"address": address, "root-certificates": fed.server.ca_cert})
+    cfg = fed.run.override({"output.run-dir": str(run_dir), "output.resume": resume})
+    config_path = write_run_config(cfg, run_dir / "run-config.toml")
+    with (run_dir / "superlink.log").open("ab") as log:
+        superlink = subprocess.Popen(superlink_command(fed, run_dir, insecure=insecure), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env=flwr_environment(flwr_home))
+    try:
+        _wait_listening(superlink, fed.server.port, run_dir / "superlink.log")
+        say(f"SuperLink listening on {fed.server.host}:{fed.server.port} ({'INSECURE' if insecure else 'TLS + node authentication'})")
+        for key in fed.server.site_keys:
+            _register(key, flwr_home)
+            say(f"registered site key {Path(key).name}")
+    except BaseException:
+        superlink.terminate()
+        superlink.wait(timeout=10)
+        raise
+    seen = {"n": len(read_history(run_dir))}
+
+    def poll() -> None:
+        history = read_history(run_dir)
+        for record in history[seen["n"]:]:
+            g = record["global"]
+            say(f"round {record['round']}/{cfg.federation.rounds}: global accuracy {g.get('accuracy', 0):.3f}, "
+                f"sites {', '.join(sorted(record.get('sites', {})))}")
+        seen["n"] = len(history)
+
+    cmd = [flwr_executable(), "run", str(find_app_dir()), CONNECTION, "--stream", "--run-config", str(config_path)]
+    say(f"run submitted; waiting for at least {cfg.federation.min_available_sites} sites")
+    return submit_and_wait(cmd, run_dir, flwr_home, timeout_s=fed.server.timeout_s, on_poll=poll,
+                           extra_processes=(superlink,))
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise FlowerRunError(f"flower-superlink exited with code {proc.returncode}: {' '.join(tail)} (log: {log})")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise FlowerRunError(f"flower-superlink did not listen on port {port} within {timeout:g} s (log: {log})")
+
+
+def _register(key: str, flwr_home: Path) -> None:
+    for attempt in range(10):  # the Control API can lag the port by a moment
+        done = subprocess.run([flwr_executable(), "supernode", "register", key, CONNECTION], capture_output=True,
+                              text=True, env=flwr_environment(flwr_home), timeout=120)
+        out = done.stdout + done.stderr
+        if done.returncode == 0 and "error" not in out.lower() or "already" in out.lower():
+            return
+        time.sleep(1.0 + attempt)
+    raise FlowerRunError(f"could not register site key {key}: {out.strip().splitlines()[-1] if out.strip() else done.returncode}")

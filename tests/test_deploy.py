@@ -1,0 +1,170 @@
+"""Deployment with real processes on loopback: `flower-server start` + `flower-client start`, TLS and node auth."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import tomli_w
+
+from common.datasets import get_dataset
+from server.keys import make_kit
+
+BIN = Path(sys.executable).parent
+TINY_RUN = {
+    "model": {"backbone": "test_efficientnet", "image-size": 32, "token-dim": 8, "hidden-size": 8},
+    "data": {"dataset": "breakhis"},
+    "train": {"batch-size": 8, "num-threads": 1},
+}
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _federation(tmp: Path, kit, *, rounds: int, sites: int, run_dir: str = "run", available: int = 0) -> Path:
+    port = _port()
+    run = json.loads(json.dumps(TINY_RUN))
+    run["federation"] = {"num-sites": sites, "rounds": rounds, "min-train-sites": 2, "min-evaluate-sites": 2,
+                         "min-available-sites": available or sites, "round-timeout-s": 600.0}
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "ca-cert": str(kit.ca_cert), "server-cert": str(kit.server_cert),
+                   "server-key": str(kit.server_key), "run-dir": run_dir,
+                   "site-keys": [str(pub) for _, pub in kit.site_keys.values()]},
+        "run": run,
+    }
+    path = tmp / f"federation-{run_dir}.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def _server(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "flower-server"), "start", "--config", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
+                            start_new_session=True)
+
+
+def _client(tmp: Path, site: str, port: int, key: Path, ca: Path, data: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "flower-client"), "start", "--site", site, "--server", f"127.0.0.1:{port}", "--root-cert", str(ca),
+         "--auth-key", str(key), "--dataset", "breakhis", "--data-root", str(data),
+         "--log-file", str(tmp / f"{site}.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp, start_new_session=True,
+        env={**os.environ, "HISTOFED_CACHE": str(tmp / f"cache-{site}")},
+    )
+
+
+def _kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def consortium(tmp_path: Path):
+    kit = make_kit(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], sites=["hospital-a", "hospital-b"])
+    data = {s: get_dataset("breakhis").write_fixture(tmp_path / f"data-{s}", size=(70, 46), seed=i)
+            for i, s in enumerate(kit.site_keys)}
+    started: list[subprocess.Popen] = []
+    yield kit, data, started
+    for proc in started:
+        _kill_tree(proc)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_tls_authenticated_federation_rejects_strangers_and_resumes(tmp_path: Path, consortium) -> None:
+    kit, data, started = consortium
+    fed = _federation(tmp_path, kit, rounds=3, sites=2)
+    port = json.loads(json.dumps(__import__("tomllib").loads(fed.read_text())))["server"]["port"]
+    server = _server(fed)
+    started.append(server)
+    for site, (key, _) in kit.site_keys.items():
+        started.append(_client(tmp_path, site, port, key, kit.ca_cert, data[site]))
+
+    stranger = make_kit(tmp_path / "stranger", hosts=["localhost"], sites=["rogue"])
+    rogue = _client(tmp_path, "rogue", port, stranger.site_keys["rogue"][0], kit.ca_cert, data["hospital-a"])
+    wrong_ca = _client(tmp_path, "no-ca", port, kit.site_keys["hospital-a"][0], stranger.ca_cert, data["hospital-a"])
+    out_rogue, _ = rogue.communicate(timeout=300)
+    out_ca, _ = wrong_ca.communicate(timeout=300)
+    assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
+    assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
+
+    out, _ = server.communicate(timeout=900)
+    assert server.returncode == 0, out
+    run = tmp_path / "run"
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["round"] for ln in lines] == [0, 1, 2, 3]
+    assert sorted(lines[-1]["sites"]) == ["hospital-a", "hospital-b"]
+    assert (run / "checkpoint.safetensors").is_file() and json.loads((run / "checkpoint.json").read_text())["round"] == 3
+    reference = _sha(run / "model.safetensors")
+
+    # The same federation again: kill the server (and its SuperLink) after round 1, resume, finish.
+    fed2 = _federation(tmp_path, kit, rounds=3, sites=2, run_dir="run2")
+    port2 = __import__("tomllib").loads(fed2.read_text())["server"]["port"]
+    server2 = _server(fed2)
+    started.append(server2)
+    for site, (key, _) in kit.site_keys.items():
+        started.append(_client(tmp_path, f"{site}", port2, key, kit.ca_cert, data[site]))
+    run2 = tmp_path / "run2"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (run2 / "checkpoint.json").is_file() and json.loads((run2 / "checkpoint.json").read_text())["round"] >= 1:
+            break
+        time.sleep(1)
+    _kill_tree(server2)
+    server2.wait(timeout=30)
+    resumed = _server(fed2, "--resume")
+    started.append(resumed)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out
+    assert _sha(run2 / "model.safetensors") == reference
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_does_not_stop_the_federation(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], sites=["h-1", "h-2", "h-3"])
+    data = {s: get_dataset("breakhis").write_fixture(tmp_path / f"data-{s}", size=(70, 46), seed=i)
+            for i, s in enumerate(kit.site_keys)}
+    fed = _federation(tmp_path, kit, rounds=2, sites=3, available=2)
+    port = __import__("tomllib").loads(fed.read_text())["server"]["port"]
+    started = [_server(fed)]
+    try:
+        clients = {s: _client(tmp_path, s, port, key, kit.ca_cert, data[s]) for s, (key, _) in kit.site_keys.items()}
+        started += list(clients.values())
+        run = tmp_path / "run"
+        deadline = time.monotonic() + 600
+        metrics = run / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+            time.sleep(1)  # round 0 (evaluation of the initial model) is done: round 1 training starts now
+        killed_at = time.monotonic()
+        _kill_tree(clients["h-3"])  # kill -9 the hospital's SuperNode (and any ClientApp) mid-round
+        out, _ = started[0].communicate(timeout=900)
+        assert started[0].returncode == 0, out
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [ln["round"] for ln in lines] == [0, 1, 2]
+        assert sorted(lines[1]["train"]) == ["h-1", "h-2"] and sorted(lines[2]["sites"]) == ["h-1", "h-2"]
+        print(f"run finished {time.monotonic() - killed_at:.0f} s after the kill")
+    finally:
+        for proc in started:
+            _kill_tree(proc)
