@@ -46,7 +46,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
 
 
 def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "") -> Message:
-    about = {P.SITE_NAME: site.name, **({DECLINED: declined} if declined else {})}
+    about = {P.SITE_NAME: site.name, P.DATA_KIND: site.data_kind, **({DECLINED: declined} if declined else {})}
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
@@ -69,7 +69,8 @@ def train(msg: Message, context: Context) -> Message:
             return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
         result, extra = private.train, encode_metrics(private)
     else:
-        result, extra = train_local(model, data, cfg.train, device, seed=seed), {}
+        mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
+        result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
                P.SKIPPED: result.skipped, **extra}
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype

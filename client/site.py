@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import RunConfig
-from common.datasets import get_dataset
+from common.datasets import data_kind, get_dataset
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Site:
 
     index: int
     name: str
+    data_kind: str = "real"  # "synthetic" for generated data; sent to the server so every result says so
 
 
 def resolve_site(node_config: Mapping[str, Any], names: list[str], training: list[int] | None = None) -> Site:
@@ -50,7 +51,9 @@ def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig
     if local:
         cfg = cfg.override(local)
     entry = get_dataset(cfg.data.dataset)
+    kind = data_kind(cfg.data.dataset, cfg.data.root)
     if "data.root" in local:
         cfg = cfg.with_sites(entry.default_num_sites(cfg) if entry.default_num_sites else 1)
-        return cfg, Site(0, str(node_config.get("site", entry.site_names(cfg)[0])))
-    return cfg, resolve_site(node_config, entry.site_names(cfg), cfg.federation.training_sites)
+        return cfg, Site(0, str(node_config.get("site", entry.site_names(cfg)[0])), kind)
+    site = resolve_site(node_config, entry.site_names(cfg), cfg.federation.training_sites)
+    return cfg, Site(site.index, site.name, kind)

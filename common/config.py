@@ -149,7 +149,13 @@ class TrainConfig(_Section):
 class FederationConfig(_Section):
     """The Flower strategy and how many sites take part."""
 
-    strategy: Literal["fedavg"] = Field("fedavg", description="FedAvg (McMahan et al. 2017)")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed-mean", "krum"] = Field(
+        "fedavg", description="Flower strategy: fedavg, fedprox, fedadam, trimmed-mean, krum"
+    )
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx: weight of the proximal term")
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam: server learning rate (eta)")
+    trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
+    krum_malicious: int = Field(0, ge=0, description="krum: number of malicious sites tolerated")
     rounds: int = Field(5, gt=0, description="federated rounds")
     num_sites: int = Field(3, gt=0, description="number of hospitals (sites)")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of sites per round")

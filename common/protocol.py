@@ -15,8 +15,10 @@ SITE = "site"
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
 ROUND_OFFSET = "round-offset"  # rounds completed before a resume (Flower restarts numbering at 1)
 SITE_NAME = "name"
+DATA_KIND = "data-kind"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"

@@ -101,14 +101,20 @@ def make_loader(
 
 
 def train_local(
-    model: nn.Module, data: SiteSplit, cfg: TrainConfig, device: torch.device, *, seed: int
+    model: nn.Module, data: SiteSplit, cfg: TrainConfig, device: torch.device, *, seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train in place for cfg.local_epochs; returns the mean training loss."""
+    """Train in place for cfg.local_epochs; returns the mean training loss.
+
+    proximal_mu > 0 adds FedProx's term mu/2 * ||w - w_global||^2 (Li et al. 2020), w_global being
+    the weights the model holds when called.
+    """
     if len(data) == 0:
         raise ValueError("cannot train on a site with zero training images")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     loader = make_loader(data, cfg.batch_size, seed=seed, num_workers=cfg.num_workers,
@@ -123,6 +129,8 @@ def train_local(
             y = labels.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(x), y)
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

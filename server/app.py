@@ -15,7 +15,7 @@ from common.datasets import data_kind, get_dataset
 from common.privacy import PrivacyBudgetStop, PrivacyMonitor, build_model_for, is_central, plan_central, preflight
 from server.rounds import RoundRecorder
 from server.rundir import RunDirectory
-from server.strategy import build_strategy, wrap_central_dp
+from server.strategy import build_strategy, restore_strategy_state, strategy_state, wrap_central_dp
 
 app = ServerApp()
 
@@ -51,10 +51,13 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
     if cfg.output.resume:  # continue from the last checkpoint, in the model's own key order
         recorder.offset, state = run.load_checkpoint()
         initial = ArrayRecord({key: state[key] for key in initial.keys()})
+        restore_strategy_state(strategy, run.load_strategy_state())
         log(INFO, "histofed: resuming after round %d of %d", recorder.offset, cfg.federation.rounds)
     strategy.set_reference(initial)
     if cfg.privacy.mode != "off":
         recorder.privacy = monitor = PrivacyMonitor(cfg)
+        if cfg.output.resume:  # central DP: the ε already spent is counted again from the report
+            monitor.restore(run.read_privacy())
         strategy.on_declined = monitor.declined
         if is_central(cfg.privacy):
             wrapped = wrap_central_dp(strategy, plan_central(cfg), cfg.privacy)
@@ -66,7 +69,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
         if server_round == 0 and not cfg.output.resume:  # federated evaluation of the initial model: round 0
             messages = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
             strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
-        return recorder.end_round(server_round, arrays)
+        metrics = recorder.end_round(server_round, arrays)
+        if server_round > 0:
+            run.save_strategy_state(strategy_state(strategy))
+        return metrics
 
     try:
         result = strategy.start(

@@ -66,6 +66,9 @@ class RoundRecorder:
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower evaluate_metrics_aggr_fn: pooled confusion counts → global metrics."""
         self._eval = pooled_report(records, self.num_classes)
+        kinds = {str(r.config_records.get(P.SITE, {}).get(P.DATA_KIND, "")) for r in records}
+        if "synthetic" in kinds:  # a site on generated data: say so even if the server cannot see its data
+            self.run.mark_synthetic()
         return _finite(self._eval["global"])
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.config import RunConfig
@@ -21,6 +22,7 @@ MODEL_FILE = "model.safetensors"
 STATUS_FILE = "status.json"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_MODEL = "checkpoint.safetensors"
+STRATEGY_STATE = "checkpoint-strategy.safetensors"
 PRIVACY_FILE = "privacy.json"
 
 
@@ -66,12 +68,30 @@ class RunDirectory:
         save_state_dict(state, self.path / MODEL_FILE)
         return self.path / MODEL_FILE
 
+    def mark_synthetic(self) -> None:
+        """A site reported generated data: every file from now on says synthetic."""
+        if self.data_kind != "synthetic":
+            self.data_kind = "synthetic"
+            saved = json.loads((self.path / CONFIG_FILE).read_text())
+            self._write(CONFIG_FILE, {**saved, "data-kind": "synthetic"})
+
     def save_checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
         """After every round: the global model and the round it completed (written atomically)."""
         tmp = self.path / f".{CHECKPOINT_MODEL}.tmp"
         save_state_dict(state, tmp)
         tmp.replace(self.path / CHECKPOINT_MODEL)
         self._write(CHECKPOINT_FILE, {"round": server_round, "model": CHECKPOINT_MODEL, "time": time.time()})
+
+    def save_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Arrays the strategy carries between rounds (FedAdam moments), beside the checkpoint."""
+        if state:
+            save_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+                            self.path / STRATEGY_STATE)
+
+    def load_strategy_state(self) -> dict[str, np.ndarray]:
+        """The saved strategy arrays, or {} for a stateless strategy."""
+        path = self.path / STRATEGY_STATE
+        return {k: v.numpy() for k, v in read_state_dict(path).items()} if path.is_file() else {}
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
         """The last completed round and its global model; a clear error when there is none."""
@@ -83,6 +103,11 @@ class RunDirectory:
     def write_privacy(self, report: Mapping[str, Any]) -> None:
         """Write the privacy report: per site ε(δ) after each round, mechanism, σ, clipping, sampling, steps."""
         self._write(PRIVACY_FILE, {"data-kind": self.data_kind, **report})
+
+    def read_privacy(self) -> dict[str, Any]:
+        """The privacy report written so far ({} when there is none): a resumed run continues it."""
+        path = self.path / PRIVACY_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def status(self, state: str, **extra: Any) -> None:
         """Record running / completed / failed (flwr run exits 0 either way; this file tells)."""

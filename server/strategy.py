@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping, DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy,
+    DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
+    FedProx, FedTrimmedAvg, Krum, Strategy,
 )
 from flwr.supercore import log
 
@@ -173,7 +174,47 @@ class HistoFedAvg(KeyedAggregation, FedAvg):
     """FedAvg (McMahan et al. 2017, example-weighted mean) with keyed validation and dtype restore."""
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": HistoFedAvg}
+class HistoFedProx(KeyedAggregation, FedProx):
+    """FedProx (Li et al. 2020): Flower sends proximal-mu, each client adds the proximal term."""
+
+
+class HistoFedAdam(KeyedAggregation, FedAdam):
+    """FedAdam (Reddi et al. 2021): Adam on the averaged update at the server; moments are checkpointed."""
+
+
+class HistoTrimmedMean(KeyedAggregation, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): robust to a share of outlying sites."""
+
+
+class HistoKrum(KeyedAggregation, Krum):
+    """Krum (Blanchard et al. 2017): keeps the update closest to its neighbours."""
+
+
+# name → (class, the extra constructor arguments it takes from the federation config)
+STRATEGIES: dict[str, tuple[type[Strategy], Callable[[FederationConfig], dict]]] = {
+    "fedavg": (HistoFedAvg, lambda cfg: {}),
+    "fedprox": (HistoFedProx, lambda cfg: {"proximal_mu": cfg.proximal_mu}),
+    "fedadam": (HistoFedAdam, lambda cfg: {"eta": cfg.server_lr}),
+    "trimmed-mean": (HistoTrimmedMean, lambda cfg: {"beta": cfg.trim_beta}),
+    "krum": (HistoKrum, lambda cfg: {"num_malicious_nodes": cfg.krum_malicious}),
+}
+STATE_ATTRIBUTES = ("m_t", "v_t")  # FedAdam's moments: saved with every checkpoint
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """Arrays a strategy keeps between rounds (e.g. FedAdam moments), flat 'attribute/key' names."""
+    inner = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the strategy it wraps
+    return {f"{attr}/{k}": np.asarray(v) for attr in STATE_ATTRIBUTES
+            for k, v in (getattr(inner, attr, None) or {}).items()}
+
+
+def restore_strategy_state(strategy: Strategy, state: Mapping[str, np.ndarray]) -> None:
+    """Put saved strategy arrays back (resume)."""
+    inner = getattr(strategy, "strategy", strategy)
+    for attr in STATE_ATTRIBUTES:
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
+        if values:
+            setattr(inner, attr, values)
 
 
 def build_strategy(
@@ -183,7 +224,8 @@ def build_strategy(
     evaluate_metrics: Callable[..., MetricRecord],
 ) -> Strategy:
     """Instantiate the configured strategy with histofed's metric aggregation."""
-    return STRATEGIES[cfg.strategy](
+    cls, extra = STRATEGIES[cfg.strategy]
+    return cls(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_sites,
@@ -196,6 +238,7 @@ def build_strategy(
         evaluate_metrics_aggr_fn=evaluate_metrics,
         transfer_dtype=cfg.transfer_dtype,
         max_update_norm=cfg.max_update_norm,
+        **extra(cfg),
     )
 
 

@@ -46,7 +46,7 @@ _TINY_MODEL = {"model.backbone": "test_efficientnet", "model.image-size": 32, "m
                "model.hidden-size": 8}
 SIZES: dict[str, Size] = {
     "default": Size(
-        train={"model.image-size": 96}, batch=32, warmup=2, steps=3, repeats=3,
+        train={"model.image-size": 96}, batch=32, warmup=2, steps=2, repeats=5,
         compile_backend="inductor", compile_timeout_s=240.0,
         demo={},  # the Quickstart scenario as it ships: 5 rounds x 1 local epoch, 64 px
         compute={"train.local-epochs": 4, "federation.rounds": 2},  # same data/model, 4x the compute per round
@@ -73,7 +73,8 @@ def scale(name: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     pooled = fed.pooled(fed.scenario_config(overrides), threads=federated["threads-total"])
     return {"overrides": overrides, "federated": federated, "pooled": pooled,
             "federated/pooled wall": round(federated["wall-s"] / pooled["wall-s"], 3),
-            "serverapp/pooled wall": round(float(federated["serverapp-s"]) / pooled["wall-s"], 3)}
+            "serverapp/pooled wall": round(float(federated["serverapp-s"]) / pooled["wall-s"], 3),
+            "federated/pooled cpu-s": round(federated["cpu-s (flower+ray processes, sampled)"] / pooled["cpu-s"], 3)}
 
 
 def transfer(size: Size, probe: dict[str, Any], demo: dict[str, Any], work: Path) -> dict[str, Any]:

@@ -58,8 +58,8 @@ def _is_client_worker(name: str) -> bool:
     return name.startswith("ray::ClientAppActor")
 
 
-def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]], uss: dict[int, int]) -> int:
-    """Record the RSS of each Flower/Ray process of a run (command line names it, or a descendant of one).
+def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]], uss: dict[int, int], cpu: dict[int, float]) -> int:
+    """Record the RSS and CPU seconds of each Flower/Ray process of a run (command line names it, or a descendant).
 
     For Ray's ClientApp workers also the USS (memory no other process shares: what one more client costs).
     Returns the summed RSS of this sample (shared library pages counted once per process).
@@ -82,7 +82,8 @@ def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]], uss: dict[int, i
                 continue
             seen.add(proc.pid)
             try:
-                rss, name = proc.memory_info().rss, proc.name()
+                rss, name, times = proc.memory_info().rss, proc.name(), proc.cpu_times()
+                cpu[proc.pid] = times.user + times.system
                 if _is_client_worker(name):
                     uss[proc.pid] = max(uss.get(proc.pid, 0), proc.memory_full_info().uss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -115,6 +116,7 @@ def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, tim
         cmd += ["--set", f"{key}={value}"]
     peaks: dict[int, tuple[str, int]] = {}
     uss: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     peak_total = 0
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with (run_dir.parent / f"{run_dir.name}.stdout").open("w") as out:
@@ -130,7 +132,7 @@ def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, tim
                 if hung:
                     return None
                 break
-            peak_total = max(peak_total, _rss_sample(str(run_dir / ".flwr"), peaks, uss))
+            peak_total = max(peak_total, _rss_sample(str(run_dir / ".flwr"), peaks, uss, cpu))
             time.sleep(0.5)
         wall = time.perf_counter() - start
     status, history = read_status(run_dir), read_history(run_dir)
@@ -147,6 +149,7 @@ def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, tim
         "start-up-and-teardown-s": round(wall - float(status.get("elapsed-s", 0.0)), 1),
         "round-0-evaluation-done-s": history[0]["elapsed-s"] if history else None,
         "train-s (slowest site per round, summed)": round(sum(train_s), 1),
+        "cpu-s (flower+ray processes, sampled)": round(sum(cpu.values()), 1),
         "threads-total": int(config["train.num-threads"]) * int(config["federation.num-sites"]),
         "accuracy": status.get("final", {}).get("accuracy"),
         "peak-rss-mib (largest ray client worker)": round(max(workers) / MIB, 1) if workers else None,
@@ -163,7 +166,7 @@ def pooled(cfg: RunConfig, *, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     synthetic.generate.cache_clear()  # pay data generation like the federated run does
     try:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         entry, device = get_dataset(cfg.data.dataset), select_device(cfg.train.device)
         sites, names = range(cfg.federation.num_sites), entry.site_names(cfg)
         train = ConcatDataset([entry.load_split(cfg, i, "train") for i in sites])
@@ -179,10 +182,10 @@ def pooled(cfg: RunConfig, *, threads: int) -> dict[str, Any]:
             seed = cfg.train.seed * 1_000_003 + server_round * 1009
             train_s += train_local(model, train, cfg.train, device, seed=seed).seconds  # type: ignore[arg-type]
             report = evaluate_all()
-        wall = time.perf_counter() - start
+        wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         torch.set_num_threads(before)
-    return {"wall-s": round(wall, 2), "train-s": round(train_s, 2), "threads": threads,
+    return {"wall-s": round(wall, 2), "train-s": round(train_s, 2), "cpu-s": round(cpu_s, 2), "threads": threads,
             "accuracy": report["global"]["accuracy"], "data-kind": data_kind(cfg.data.dataset, cfg.data.root)}
 
 

@@ -3,8 +3,10 @@
 Every figure is a training step as common.training.train_local takes it (uint8 batch → to_input →
 augment → forward → cross-entropy → backward → optimizer step) on a random batch. Variants are
 timed interleaved (A B A B ...) in one process so machine noise hits them alike; ratios are
-medians of per-repeat ratios. torch.compile runs in a child process with a time limit (its first
-step compiles; steady state is timed after warm-up, interleaved with an eager twin).
+medians of per-repeat ratios. On CPU the clock is the process's CPU time (img/cpu-s): on a shared
+machine it does not count the time other processes hold the core (with 1 thread it equals img/s on
+an idle core). torch.compile runs in a child process with a time limit (its first step compiles;
+steady state is timed after warm-up, interleaved with an eager twin).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,8 @@ from torch import nn
 from common.config import RunConfig
 from common.model import HybridEffNetGRU, build_model
 from common.training import OPTIMIZERS, augment, prepare, to_input
+
+CPU_UNIT = "img/cpu-s"  # images per second of this process's CPU time
 
 
 class BackboneOnly(nn.Module):
@@ -39,7 +44,7 @@ class BackboneOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits B x K from the globally average-pooled deepest feature map."""
-        return self.classifier(self.backbone(x)[-1].mean(dim=(2, 3)))
+        return self.classifier(F.adaptive_avg_pool2d(self.backbone(x)[-1], 1).flatten(1))  # timm's avg head
 
 
 def build(cfg: RunConfig, kind: str) -> nn.Module:
@@ -94,25 +99,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(trainer: Trainer, steps: int) -> float:
-    """Images per second over `steps` training steps (CUDA synchronised)."""
+def timed_steps(trainer: Trainer, steps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Images per second of `clock` over `steps` training steps (CUDA synchronised)."""
     _sync(trainer.device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         trainer.step()
     _sync(trainer.device)
-    return steps * trainer.batch.shape[0] / (time.perf_counter() - start)
+    return steps * trainer.batch.shape[0] / (clock() - start)
 
 
-def interleaved(trainers: dict[str, Trainer], *, warmup: int, steps: int, repeats: int) -> dict[str, list[float]]:
-    """Warm every variant up, then time `steps` steps of each in turn, `repeats` times: img/s per repeat."""
+def interleaved(trainers: dict[str, Trainer], *, warmup: int, steps: int, repeats: int,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Warm every variant up, then time `steps` steps of each in turn, `repeats` times: rate per repeat."""
     for trainer in trainers.values():
         for _ in range(warmup):
             trainer.step()
     rates: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(repeats):
         for name, trainer in trainers.items():
-            rates[name].append(timed_steps(trainer, steps))
+            rates[name].append(timed_steps(trainer, steps, clock))
     return rates
 
 
@@ -121,9 +127,9 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def summarize(rates: dict[str, list[float]], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """Median img/s of every variant and the requested median ratios."""
-    out = {f"img-s {name}": round(statistics.median(values), 2) for name, values in rates.items()}
+def summarize(rates: dict[str, list[float]], pairs: dict[str, tuple[str, str]], unit: str = "img/s") -> dict[str, float]:
+    """Median rate of every variant (keys '<unit> <variant>') and the requested median ratios."""
+    out = {f"{unit} {name}": round(statistics.median(values), 2) for name, values in rates.items()}
     out.update({label: round(median_ratio(rates[a], rates[b]), 3) for label, (a, b) in pairs.items()})
     return out
 
@@ -136,7 +142,7 @@ def train_throughput(cfg: RunConfig, *, batch_size: int, warmup: int, steps: int
         f"{kind} {fmt}": Trainer(build(cfg, kind), device, x, y, channels_last=fmt == "channels_last")
         for kind in ("hybrid", "backbone") for fmt in ("channels_last", "nchw")
     }
-    rates = interleaved(trainers, warmup=warmup, steps=steps, repeats=repeats)
+    rates = interleaved(trainers, warmup=warmup, steps=steps, repeats=repeats, clock=time.process_time)
     return {
         "device": "cpu", "threads": torch.get_num_threads(), "image-size": cfg.model.image_size,
         "batch-size": batch_size, "backbone": cfg.model.backbone,
@@ -145,7 +151,7 @@ def train_throughput(cfg: RunConfig, *, batch_size: int, warmup: int, steps: int
             "hybrid/backbone (nchw)": ("hybrid nchw", "backbone nchw"),
             "channels_last/nchw (hybrid)": ("hybrid channels_last", "hybrid nchw"),
             "channels_last/nchw (backbone)": ("backbone channels_last", "backbone nchw"),
-        }),
+        }, unit=CPU_UNIT),
     }
 
 
@@ -160,9 +166,10 @@ def compile_probe(cfg: RunConfig, *, batch_size: int, steps: int, repeats: int,
     start = time.perf_counter()
     compiled.step()
     first = time.perf_counter() - start
-    rates = interleaved({"hybrid eager": eager, "hybrid compiled": compiled}, warmup=2, steps=steps, repeats=repeats)
+    rates = interleaved({"hybrid eager": eager, "hybrid compiled": compiled}, warmup=2, steps=steps, repeats=repeats,
+                        clock=time.process_time)
     return {"compile-s (first step)": round(first, 1),
-            **summarize(rates, {"compiled/eager (hybrid)": ("hybrid compiled", "hybrid eager")})}
+            **summarize(rates, {"compiled/eager (hybrid)": ("hybrid compiled", "hybrid eager")}, unit=CPU_UNIT)}
 
 
 def compile_throughput(

@@ -22,7 +22,7 @@ def _positive(result: dict, keys: list[str]) -> None:
 def test_training_throughput_reports_every_variant_and_ratio() -> None:
     cfg = bench_federation.scenario_config(TINY.train)
     result = bench_train.train_throughput(cfg, batch_size=TINY.batch, warmup=1, steps=1, repeats=2)
-    _positive(result, [f"img-s {kind} {fmt}" for kind in ("hybrid", "backbone") for fmt in ("channels_last", "nchw")])
+    _positive(result, [f"img/cpu-s {kind} {fmt}" for kind in ("hybrid", "backbone") for fmt in ("channels_last", "nchw")])
     _positive(result, ["hybrid/backbone (channels_last)", "hybrid/backbone (nchw)", "channels_last/nchw (hybrid)",
                        "channels_last/nchw (backbone)"])
     assert result["device"] == "cpu" and result["image-size"] == 32
@@ -38,7 +38,8 @@ def test_backbone_alone_shares_the_hybrids_backbone_and_classifies() -> None:
 def test_compile_runs_in_a_child_and_a_timeout_is_reported_not_raised() -> None:
     ok = bench_train.compile_throughput(TINY.train, batch_size=2, steps=1, repeats=1, timeout_s=120, backend="eager")
     assert ok["compile"] == "ok", ok
-    _positive(ok, ["compile-s (first step)", "img-s hybrid compiled", "img-s hybrid eager", "compiled/eager (hybrid)"])
+    _positive(ok, ["compile-s (first step)", "img/cpu-s hybrid compiled", "img/cpu-s hybrid eager",
+                   "compiled/eager (hybrid)"])
     slow = bench_train.compile_throughput(TINY.train, batch_size=2, steps=1, repeats=1, timeout_s=0.2)
     assert slow["compile"].startswith("skipped")
 
@@ -46,8 +47,8 @@ def test_compile_runs_in_a_child_and_a_timeout_is_reported_not_raised() -> None:
 def test_gpu_script_runs_tiny_on_cpu_and_names_the_device(capsys) -> None:
     result = bench_gpu.main(["--tiny"])
     out = capsys.readouterr().out
-    _positive(result, ["img-s hybrid amp+channels_last", "img-s backbone amp+channels_last", "img-s hybrid amp+nchw",
-                       "img-s hybrid fp32+channels_last", "hybrid/backbone (amp+channels_last)", "batch-size"])
+    _positive(result, ["img/s hybrid amp+channels_last", "img/s backbone amp+channels_last", "img/s hybrid amp+nchw",
+                       "img/s hybrid fp32+channels_last", "hybrid/backbone (amp+channels_last)", "batch-size"])
     assert result["device"] in out
     if not torch.cuda.is_available():
         assert "CUDA is not available" in out and result["device"].startswith("cpu")

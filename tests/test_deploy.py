@@ -116,6 +116,7 @@ def test_tls_authenticated_federation_rejects_strangers_and_resumes(tmp_path: Pa
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["round"] for ln in lines] == [0, 1, 2, 3]
     assert sorted(lines[-1]["sites"]) == ["hospital-a", "hospital-b"]
+    assert lines[-1]["data-kind"] == "synthetic"  # the sites said so: their trees are generated fixtures
     assert (run / "checkpoint.safetensors").is_file() and json.loads((run / "checkpoint.json").read_text())["round"] == 3
     reference = _sha(run / "model.safetensors")
 

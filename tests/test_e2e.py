@@ -123,3 +123,12 @@ def test_reproduce_paper_prints_the_papers_figures_beside_the_measured(tmp_path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "paper vs measured — measured on SYNTHETIC data" in result.stdout
     assert "0.9572" in result.stdout and "patient-disjoint" in result.stdout
+
+
+def test_fedadam_runs_and_checkpoints_its_moments(tmp_path: Path) -> None:
+    result = _sim(tmp_path, "--rounds", "2", "--set", "federation.strategy=fedadam")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
+    moments = load_file(str(run / "checkpoint-strategy.safetensors"))
+    assert any(k.startswith("m_t/") for k in moments) and any(k.startswith("v_t/") for k in moments)

@@ -106,3 +106,36 @@ def test_fewer_valid_updates_than_the_minimum_fail_the_round() -> None:
     bad = {"other": np.zeros(1, dtype=np.float32)}
     with pytest.raises(RuntimeError, match="1 valid model update.s., fewer than the 2 required"):
         strategy.aggregate_train(1, [_reply(1, _state(1.0, 1), 10), _reply(2, bad, 10)])
+
+
+@pytest.mark.parametrize("name", ["trimmed-mean", "krum"])
+def test_robust_strategies_aggregate_and_keep_dtypes(name: str) -> None:
+    from common.config import FederationConfig as FC
+    from server.strategy import STRATEGIES, build_strategy as build
+
+    strategy = build(FC(strategy=name, min_train_sites=2), train_metrics=lambda r, k: MetricRecord({}),
+                     evaluate_metrics=lambda r, k: MetricRecord({}))
+    assert isinstance(strategy, STRATEGIES[name][0])
+    strategy.set_reference(_arrays(_state(0.0, 0)))
+    replies = [_reply(i, _state(v, 1), 10) for i, v in enumerate([1.0, 1.1, 0.9, 1.0, 50.0], start=1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert float(arrays["w"].numpy().mean()) < 5  # the outlier (50) does not drag the result
+    assert arrays["bn.num_batches_tracked"].numpy().dtype == np.int64
+
+
+def test_fedprox_term_pulls_local_weights_towards_the_global_model(tiny_cfg) -> None:
+    import torch
+
+    from common.datasets import get_dataset
+    from common.model import build_model
+    from common.training import train_local
+
+    data = get_dataset("synthetic").load_split(tiny_cfg, 0, "train")
+    drift = {}
+    for mu in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg.model)
+        start = [p.detach().clone() for p in model.parameters()]
+        train_local(model, data, tiny_cfg.train, torch.device("cpu"), seed=1, proximal_mu=mu)
+        drift[mu] = sum(float(((p - s) ** 2).sum()) for p, s in zip(model.parameters(), start))
+    assert drift[100.0] < drift[0.0]

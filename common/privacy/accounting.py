@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from common.config import ConfigError, RunConfig
 
 SIGMA_MAX = 50.0  # a target that needs more noise than this is unreachable in practice (the noise drowns the signal)
+MEAN_STRATEGIES = ("fedavg", "fedprox")  # aggregate = (weighted) mean of the updates: Flower's DP wrappers fit them
 History = list[tuple[float, float, int]]  # Opacus accountant history: (noise multiplier, sample rate, steps)
 
 LOCAL_MECHANISM = "DP-SGD (Abadi et al. 2016): per-sample clipping + Gaussian noise, Opacus, example-level"
@@ -131,6 +132,11 @@ class CentralPlan:
 def plan_central(cfg: RunConfig) -> CentralPlan:
     """σ (calibrated with q = 1, no amplification assumed), sites per round and δ (below 1 / number of sites)."""
     p, fed = cfg.privacy, cfg.federation
+    if fed.strategy not in MEAN_STRATEGIES:
+        raise ConfigError(
+            f"invalid value for 'federation.strategy': central DP (privacy.mode={p.mode}) calibrates its noise to a "
+            f"mean of clipped updates; use {' or '.join(MEAN_STRATEGIES)} (got '{fed.strategy}')"
+        )
     sites = len(fed.training_sites)
     sampled = min(sites, max(int(sites * fed.fraction_train), fed.min_train_sites))
     delta = resolve_delta(p.delta, sites, unit="sites: central DP protects a whole hospital")

@@ -7,7 +7,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.privacy.accounting import (
-    CENTRAL_MECHANISM, LOCAL_MECHANISM, CentralAccountant, plan_central,
+    CENTRAL_MECHANISM, LOCAL_MECHANISM, CentralAccountant, extend, plan_central,
 )
 
 # MetricRecord keys a DP site adds to its train reply (numbers only)
@@ -105,6 +105,18 @@ class PrivacyMonitor:
             reason = self.central.next_round_exceeds()
             if reason:
                 self.stop(f"after round {server_round}: {reason}")
+
+    def restore(self, report: Mapping[str, Any]) -> None:
+        """Resume: continue the interrupted run's report (central DP: and its accountant histories, round by round)."""
+        self.sites = {site: dict(row) for site, row in report.get("sites", {}).items()}
+        if self.central is None:
+            return  # local DP: each site's ledger on disk already holds its history
+        for site, row in self.sites.items():
+            for entry in row.get("rounds", []):
+                if "declined" not in entry and "noise-multiplier" in entry:
+                    noise = float(entry["noise-multiplier"])
+                    self.central.histories[site] = extend(self.central.histories.get(site, []), noise, 1.0, 1)
+                    self.central._last[site] = noise
 
     def report(self) -> dict[str, Any]:
         """The privacy report (privacy.json): per site ε(δ) after each round and every setting that produced it."""

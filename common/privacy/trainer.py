@@ -53,6 +53,14 @@ def dp_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _empty_batch_template(loader: DataLoader) -> None:
+    """Give Opacus's Poisson loader the structure of an empty batch (it cannot build one from numpy dtypes)."""
+    template = getattr(loader, "collate_fn", None)
+    if hasattr(template, "first_batch"):
+        template.first_batch = (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                                torch.zeros(1, dtype=torch.int64))
+
+
 def _secret_generator() -> torch.Generator:
     """Noise and Poisson sampling must be unpredictable: never seeded from the public train.seed."""
     return torch.Generator().manual_seed(secrets.randbits(63))
@@ -80,6 +88,7 @@ def dp_sgd(
         max_grad_norm=plan.max_grad_norm, poisson_sampling=cfg.privacy.poisson_sampling,
         noise_generator=_secret_generator(), wrap_model=False,
     )
+    _empty_batch_template(dp_loader)
     gen = torch.Generator().manual_seed(seed)  # augmentation only
     total, seen, skipped, start = 0.0, 0, 0, time.perf_counter()
     try:
