@@ -15,6 +15,7 @@ from common import protocol as P
 from common.config import ModelConfig, PrivacyConfig, RunConfig
 from common.datasets import get_dataset
 from common.privacy import DECLINED, build_model_for, encode_metrics, ledger_path, train_private
+from common.privacy.local_norm import keep_local_norm, local_norm_path, restore_local_norm
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -42,6 +43,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
     device = select_device(cfg.train.device)
     model = _architecture(cfg.model, cfg.privacy).cpu()
     load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
+    if cfg.privacy.local_norm:  # FedBN: this site's own normalization layers over the global ones
+        restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
 
@@ -76,6 +79,9 @@ def train(msg: Message, context: Context) -> Message:
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
     state = {k: (v.detach().to(wire) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
+    if cfg.privacy.local_norm:  # kept at the site; sent back as received, so never averaged
+        state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
+                                msg.content[P.ARRAYS].to_torch_state_dict())
     return _reply(msg, site, metrics, ArrayRecord(state))
 
 

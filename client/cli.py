@@ -79,13 +79,14 @@ def start(
     insecure: Annotated[bool, typer.Option(help="no TLS: local tests only")] = False,
     port: Annotated[Optional[int], typer.Option(help="local runtime port (default: a free one)")] = None,
     max_restarts: Annotated[int, typer.Option(help="give up after N reconnects (0 = keep trying)")] = 0,
+    connect_timeout: Annotated[float, typer.Option(help="seconds one connection attempt may take before a restart")] = 60.0,
     log_file: Annotated[Optional[Path], typer.Option(help="SuperNode log (default ./<site>-supernode.log)")] = None,
 ) -> None:
     """Check this hospital's data, then join the federation as a Flower SuperNode (reconnects when needed)."""
     from client.deploy import NodeOptions, run_node, validate
 
     options = NodeOptions(site, data_root.expanduser().resolve() if data_root else None, server, root_cert,
-                          auth_key, insecure, port, max_restarts)
+                          auth_key, insecure, port, max_restarts, connect_timeout)
     try:
         validate(options)
         if data_root is not None or dataset != "synthetic":

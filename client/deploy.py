@@ -35,13 +35,14 @@ class NodeOptions:
     insecure: bool = False
     runtime_port: int | None = None
     max_restarts: int = 0  # 0 = keep trying forever
+    connect_timeout: float = 60.0  # one SuperNode gives up connecting after this; then it is restarted
 
 
 def supernode_command(opt: NodeOptions, port: int) -> list[str]:
     """The flower-supernode command line for this hospital."""
     node_config = f"site='{opt.site}'" + (f" data.root='{opt.data_root}'" if opt.data_root else "")
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", opt.server,
-           "--port", str(port), "--node-config", node_config]
+           "--port", str(port), "--node-config", node_config, "--max-wait-time", f"{opt.connect_timeout:g}"]
     if opt.insecure:
         cmd.append("--insecure")
     elif opt.root_cert:
@@ -84,7 +85,8 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
             return 1
         restarts += 1
         if opt.max_restarts and restarts > opt.max_restarts:
-            say(f"error: the SuperNode stopped {restarts} times (last exit code {code}); giving up (log: {log_path})")
+            say(f"error: server {opt.server} not reachable or connection lost {restarts} times "
+                f"(last exit code {code}); giving up (log: {log_path})")
             return 1
         wait = min(30, 2 * restarts)
         say(f"connection lost or server not reachable (exit code {code}); retrying in {wait} s")

@@ -213,6 +213,7 @@ class PrivacyConfig(_Section):
     clipping_norm: float = Field(1.0, gt=0.0, description="central: L2 clipping norm of each site's update (initial norm when adaptive)")
     target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0, description="central adaptive: share of updates to clip")
     clip_norm_lr: float = Field(0.2, gt=0.0, description="central adaptive: clipping-norm learning rate")
+    local_norm: bool = Field(False, description="FedBN/SiloBN: normalization layers stay at each site, never sent or averaged")
 
     @field_validator("noise_multiplier", mode="before")
     @classmethod

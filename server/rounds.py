@@ -61,7 +61,8 @@ class RoundRecorder:
         }
         if self.privacy is not None:  # per-site ε: reported by DP-SGD sites, or accounted here for central DP
             self.privacy.trained({_site_name(r, i): dict(_metrics(r)) for i, r in enumerate(records)})
-        return aggregate_metricrecords(records, weighting_key)
+        merged = aggregate_metricrecords(records, weighting_key)
+        return MetricRecord({k: v for k, v in merged.items() if not k.startswith("privacy-")})  # ε is per site
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower evaluate_metrics_aggr_fn: pooled confusion counts → global metrics."""

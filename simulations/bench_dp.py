@@ -1,6 +1,6 @@
 """Benchmark of differential privacy: DP-SGD img/s ÷ normal img/s (fast vs stock grouped-conv sampler), accuracy at ε = 8 and 3.
 
-Usage: python -m simulations.bench_dp [--tiny] [--no-accuracy] [--out FILE.json]
+Usage: python -m simulations.bench_dp [--tiny] [--no-accuracy] [--threads N] [--out FILE.json]
 
 (a) Throughput, in one process on a fixed random batch, variants interleaved (A B C A B C ...) so
     machine noise hits them alike: `normal` is a training step as common.training.train_local takes it
@@ -161,8 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds-long sizes (tests)")
     parser.add_argument("--no-accuracy", action="store_true", help="throughput only (no flower-sim runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the throughput part (1: steadiest)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     size = SIZES["tiny" if args.tiny else "default"]
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", message="Full backward hook")

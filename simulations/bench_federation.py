@@ -5,8 +5,8 @@ ServerApp and ClientApps); pooled runs train the same model on the sites' traini
 concatenated with the same loop (common.training.train_local) for the same rounds x local epochs,
 and evaluate every site's test split as often as the federation does. Bytes are the serialised size
 of the ArrayRecords Flower pushes (every unique object of the record's tree, as Flower 1.42 sends
-them). Peak memory: resource.getrusage in a fresh process that runs the ClientApp's own train and
-evaluate functions for one site, and sampled RSS of the Ray worker processes during the simulations.
+them). Peak memory: the peak RSS of a fresh process that runs the ClientApp's own train and
+evaluate functions for one site (VmHWM), and sampled RSS/USS of the Ray worker processes during the simulations.
 """
 
 from __future__ import annotations
@@ -199,7 +199,12 @@ def client_probe(overrides: dict[str, Any], *, timeout_s: float = 600.0) -> dict
 
 
 def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process image: VmHWM (reset by exec), not ru_maxrss (Linux keeps the parent's across exec)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: KiB on Linux, bytes on macOS
 
 
 def _probe(overrides: dict[str, Any]) -> dict[str, Any]:

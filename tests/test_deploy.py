@@ -169,3 +169,43 @@ def test_a_site_killed_mid_round_does_not_stop_the_federation(tmp_path: Path) ->
     finally:
         for proc in started:
             _kill_tree(proc)
+
+
+def _run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def test_server_bad_input_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path / "certs", hosts=["localhost"], sites=["a", "b"])
+    good = _federation(tmp_path, kit, rounds=1, sites=2)
+    text = good.read_text()
+    port = __import__("tomllib").loads(text)["server"]["port"]
+    cases = {
+        "unknown.toml": (text.replace("[run.model]", "[run.model]\ncolour = \"red\""), "unknown configuration key 'model.colour'"),
+        "nocert.toml": (text.replace(str(kit.server_cert), str(tmp_path / "missing.pem")), "server-cert: file not found"),
+    }
+    for name, (body, fragment) in cases.items():
+        (tmp_path / name).write_text(body)
+        result = _run(BIN / "flower-server", "start", "--config", tmp_path / name, cwd=tmp_path)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = _run(BIN / "flower-server", "start", "--config", good, cwd=tmp_path)
+    assert result.returncode == 2 and f"port {port}" in result.stderr and "not available" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started, nothing written
+
+
+def test_client_bad_input(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path / "certs", hosts=["localhost"], sites=["a"])
+    key, ca = kit.site_keys["a"][0], kit.ca_cert
+    missing = _run(BIN / "flower-client", "start", "--site", "a", "--server", "127.0.0.1:9", "--root-cert", ca,
+                   "--auth-key", key, "--dataset", "breakhis", "--data-root", tmp_path / "nope", cwd=tmp_path)
+    assert missing.returncode == 1 and "data root not found" in missing.stderr
+    nowhere = _run(BIN / "flower-client", "start", "--site", "a", "--server", f"127.0.0.1:{_port()}",
+                   "--root-cert", ca, "--auth-key", key, "--max-restarts", "1", "--connect-timeout", "3",
+                   "--log-file", tmp_path / "a.log", cwd=tmp_path)
+    assert nowhere.returncode == 1 and "not reachable" in nowhere.stdout, nowhere.stdout + nowhere.stderr
+    bad = _run(BIN / "flower-client", "start", "--site", "a", "--server", "no-port", "--insecure", cwd=tmp_path)
+    assert bad.returncode == 1 and "HOST:PORT" in bad.stderr

@@ -237,3 +237,34 @@ def test_a_dp_simulation_completes_and_writes_the_privacy_report(tmp_path: Path)
     load_weights(build_model_for(cfg.model, cfg.privacy, load_pretrained=False), load_file(str(run / "model.safetensors")))
     assert (run / "report" / "epsilon.png").is_file() and (run / "report.html").is_file()
     assert len(list((run / "privacy-ledger").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("mode", ["off", "local"])
+def test_fedbn_keeps_normalization_layers_at_the_site(tiny_cfg, tmp_path, mode) -> None:
+    # Prepare
+    from client.app import _setup
+    from common.privacy.local_norm import local_norm_path, norm_keys
+    from common.weights import read_state_dict
+
+    cfg = tiny_cfg.override({"privacy.local-norm": True, "privacy.mode": mode, "privacy.ledger-dir": str(tmp_path),
+                             "train.batch-size": 4})
+    model = build_model_for(cfg.model, cfg.privacy)
+    keys = norm_keys(model)
+    initial = ArrayRecord(model.state_dict())
+    recorded: dict = {}
+    strategy = _strategy(cfg, initial, recorded)
+    # Execute: both sites train one round; the server aggregates
+    replies = [_through_client_app(cfg, _train_message(initial, {}), p) for p in (0, 1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: norm layers went back as received and the server's stay unchanged; the site kept its trained ones
+    assert keys and (any("running_var" in k for k in keys) == (mode == "off"))
+    for k in keys:
+        assert np.array_equal(replies[0].content[P.ARRAYS][k].numpy(), initial[k].numpy())
+        assert np.allclose(arrays[k].numpy(), initial[k].numpy())
+    kept = read_state_dict(local_norm_path(cfg, "synthetic-hospital-0"))
+    assert sorted(kept) == sorted(keys) and any(not np.allclose(kept[k].numpy(), initial[k].numpy()) for k in keys)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=cfg.to_flat())
+    _, _, again, _ = _setup(_train_message(arrays, {}), ctx)  # next round: the site's own norm layers come back
+    state = again.state_dict()
+    assert all(np.allclose(state[k].float().numpy(), kept[k].float().numpy()) for k in keys)

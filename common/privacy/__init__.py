@@ -30,14 +30,11 @@ if TYPE_CHECKING:
     from common.privacy.trainer import PrivateTrainResult
 
 __all__ = [
-    "CLIENT_CLIPPING_MODES", "CentralPlan", "DECLINED", "LedgerError", "LocalPlan", "PRIVACY_FILE",
+    "CentralPlan", "DECLINED", "LedgerError", "LocalPlan", "PRIVACY_FILE",
     "PrivacyBudgetStop", "PrivacyLedger", "PrivacyMonitor", "build_model_for", "decode_metrics",
     "encode_metrics", "epsilon", "is_central", "ledger_path", "plan_central", "plan_local", "preflight",
     "train_private",
 ]
-
-CLIENT_CLIPPING_MODES = ("central-fixed-client", "central-adaptive-client")  # need Flower's clipping mod
-
 
 def is_central(privacy: PrivacyConfig) -> bool:
     """Central DP through one of Flower's strategy wrappers."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig
 from common.privacy.accounting import (
@@ -22,6 +22,9 @@ BUDGET = "privacy-budget"
 # ConfigRecord key (in the reply's site record): why the site declined to train
 DECLINED = "privacy-declined"
 
+if TYPE_CHECKING:
+    from common.privacy.trainer import PrivateTrainResult
+
 PRIVACY_FILE = "privacy.json"
 _FIELDS = {EPSILON: "epsilon", DELTA: "delta", NOISE: "noise-multiplier", SAMPLE_RATE: "sample-rate",
            STEPS: "steps", TOTAL_STEPS: "total-steps", MAX_GRAD_NORM: "max-grad-norm", BUDGET: "budget"}
@@ -33,7 +36,7 @@ class PrivacyBudgetStop(RuntimeError):
     """The federation stops: a site's budget is spent and the policy says stop (or no site can train any more)."""
 
 
-def encode_metrics(result: Any) -> dict[str, float | int]:
+def encode_metrics(result: PrivateTrainResult) -> dict[str, float | int]:
     """A PrivateTrainResult as MetricRecord values."""
     plan = result.plan
     return {EPSILON: float(result.epsilon), DELTA: float(plan.delta), NOISE: float(plan.noise_multiplier),
