@@ -90,5 +90,6 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and score histograms on the site's held-out test split."""
     cfg, site, model, device = _setup(msg, context)
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "test")
-    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers)
+    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
+                      channels_last=cfg.train.channels_last)
     return _reply(msg, site, P.encode_eval(result))

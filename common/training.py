@@ -70,11 +70,11 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast("cuda", dtype=dtype)
 
 
-def to_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 N x H x W x 3 → normalised float N x 3 x H x W (channels_last strides) on the device."""
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 N x H x W x 3 → normalised float N x 3 x H x W on the device (channels_last strides by default)."""
     x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     x = (x - IMAGENET_MEAN.to(device)) / IMAGENET_STD.to(device)
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -125,7 +125,7 @@ def train_local(
             skipped += lost
             if labels.numel() < 2:  # a lone sample breaks BatchNorm statistics
                 continue
-            x = augment(to_input(images, device), gen)
+            x = augment(to_input(images, device, cfg.channels_last), gen)
             y = labels.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(x), y)
@@ -146,7 +146,7 @@ def train_local(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: SiteSplit, device: torch.device, *, batch_size: int = 128, amp: bool = True,
-    num_workers: int = 0, bins: int = DEFAULT_BINS,
+    num_workers: int = 0, bins: int = DEFAULT_BINS, channels_last: bool = True,
 ) -> EvalResult:
     """Loss, confusion counts and score histograms on a split (unreadable images skipped, counted)."""
     model.eval()
@@ -157,7 +157,7 @@ def evaluate(
         if labels.numel() == 0:
             continue
         with _autocast(device, amp):
-            logits = model(to_input(images, device)).float()
+            logits = model(to_input(images, device, channels_last)).float()
         total += float(F.cross_entropy(logits, labels.to(device), reduction="sum"))
         probs.append(torch.softmax(logits, dim=1).cpu())
         ys.append(labels)

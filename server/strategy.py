@@ -55,14 +55,21 @@ class KeyedAggregation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's configure_train with the model in the transfer dtype."""
-        return super().configure_train(server_round, self.wire_arrays(arrays), config, grid)  # type: ignore[misc]
+        """Flower's configure_train on the master weights (FedAdam keeps them); the messages carry the transfer dtype."""
+        return self._on_wire(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's configure_evaluate with the model in the transfer dtype."""
-        return super().configure_evaluate(server_round, self.wire_arrays(arrays), config, grid)  # type: ignore[misc]
+        """Flower's configure_evaluate; the messages carry the model in the transfer dtype."""
+        return self._on_wire(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+
+    def _on_wire(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:  # Flower's messages share one RecordDict: the cast happens once
+            if P.ARRAYS in msg.content.array_records:
+                msg.content[P.ARRAYS] = self.wire_arrays(msg.content[P.ARRAYS])
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -1,4 +1,4 @@
-"""Benchmarks (b)-(d): federated (`flower-sim run`) vs pooled wall time, bytes per client and round, peak memory per client.
+"""Benchmarks (b)-(d): federated (`flower-sim run`) vs pooled wall time, bytes per client and round, client memory.
 
 Federated runs go through the real command (`flower-sim run` as a subprocess: SuperLink, Ray, the
 ServerApp and ClientApps); pooled runs train the same model on the sites' training splits

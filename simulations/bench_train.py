@@ -127,7 +127,9 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def summarize(rates: dict[str, list[float]], pairs: dict[str, tuple[str, str]], unit: str = "img/s") -> dict[str, float]:
+def summarize(
+    rates: dict[str, list[float]], pairs: dict[str, tuple[str, str]], unit: str = "img/s"
+) -> dict[str, float]:
     """Median rate of every variant (keys '<unit> <variant>') and the requested median ratios."""
     out = {f"{unit} {name}": round(statistics.median(values), 2) for name, values in rates.items()}
     out.update({label: round(median_ratio(rates[a], rates[b]), 3) for label, (a, b) in pairs.items()})

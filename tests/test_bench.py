@@ -22,7 +22,8 @@ def _positive(result: dict, keys: list[str]) -> None:
 def test_training_throughput_reports_every_variant_and_ratio() -> None:
     cfg = bench_federation.scenario_config(TINY.train)
     result = bench_train.train_throughput(cfg, batch_size=TINY.batch, warmup=1, steps=1, repeats=2)
-    _positive(result, [f"img/cpu-s {kind} {fmt}" for kind in ("hybrid", "backbone") for fmt in ("channels_last", "nchw")])
+    variants = [f"{kind} {fmt}" for kind in ("hybrid", "backbone") for fmt in ("channels_last", "nchw")]
+    _positive(result, [f"img/cpu-s {variant}" for variant in variants])
     _positive(result, ["hybrid/backbone (channels_last)", "hybrid/backbone (nchw)", "channels_last/nchw (hybrid)",
                        "channels_last/nchw (backbone)"])
     assert result["device"] == "cpu" and result["image-size"] == 32

@@ -211,3 +211,14 @@ def test_the_dp_model_has_no_batchnorm_no_buffers_and_the_same_keys_every_time(t
     assert not any(getattr(m, "inplace", False) for m in a.modules())
     plain = build_model_for(cfg.model, cfg.privacy.model_copy(update={"mode": "off"}))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())  # the non-DP path keeps BatchNorm
+
+
+def test_dp_sgd_feeds_nchw_even_when_training_is_channels_last(dp_cfg, tmp_path) -> None:
+    # Opacus 1.6's stock Conv2d sampler is wrong on channels_last activations: DP-SGD must never give it any
+    cfg = dp_cfg.override({"train.channels-last": True, "privacy.fast-depthwise": False})
+    model = build_model_for(cfg.model, cfg.privacy).to(memory_format=torch.channels_last)
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    data = get_dataset("synthetic").load_split(cfg, 0, "train")
+    train_private(model=model, data=data, cfg=cfg, device=CPU, seed=0, site="s", ledger_file=tmp_path / "s.json")
+    assert seen and all(seen)

@@ -1,4 +1,4 @@
-"""Half-precision transfer: float arrays travel as float16 (bytes halve), integers never change, FedAvg averages in float32."""
+"""Half-precision transfer: floats travel as float16 (bytes halve), integers never change, FedAvg averages in fp32."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def _train_reply(cfg, arrays: ArrayRecord) -> ArrayRecord:
     return train(msg, ctx).content[P.ARRAYS]
 
 
-def _strategy(dtype: str):
+def _strategy(dtype: str, strategy: str = "fedavg"):
     noop = lambda records, key: MetricRecord({})  # noqa: E731
-    return build_strategy(FederationConfig(transfer_dtype=dtype), train_metrics=noop, evaluate_metrics=noop)
+    cfg = FederationConfig(transfer_dtype=dtype, strategy=strategy)
+    return build_strategy(cfg, train_metrics=noop, evaluate_metrics=noop)
 
 
 def test_client_reply_in_float16_halves_float_bytes_and_keeps_integers(tiny_cfg) -> None:
@@ -62,6 +63,11 @@ def test_server_sends_float16_but_keeps_float32_master_weights() -> None:
         assert sent["w"].dtype == "float16" and sent["bn.num_batches_tracked"].dtype == "int64"
     assert strategy.reference["w"].dtype == "float32" and master["w"].dtype == "float32"
     assert _strategy("float32").wire_arrays(master) is master  # the default sends the master record as is
+
+    adam = _strategy("float16", strategy="fedadam")  # FedAdam keeps the arrays it sent as its server state
+    adam.set_reference(master)
+    sent = list(adam.configure_train(1, master, ConfigRecord(), Grid()))[0].content[P.ARRAYS]
+    assert sent["w"].dtype == "float16" and adam.current_arrays["w"].dtype == np.float32
 
 
 def test_float16_replies_are_averaged_in_float32() -> None:
