@@ -268,3 +268,21 @@ def test_fedbn_keeps_normalization_layers_at_the_site(tiny_cfg, tmp_path, mode) 
     _, _, again, _ = _setup(_train_message(arrays, {}), ctx)  # next round: the site's own norm layers come back
     state = again.state_dict()
     assert all(np.allclose(state[k].float().numpy(), kept[k].float().numpy()) for k in keys)
+
+
+@pytest.mark.slow
+def test_a_central_dp_simulation_with_client_side_clipping_completes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [FLOWER_SIM, "run", "synthetic-tiny", "--sites", "2", "--rounds", "2", "--run-dir", str(run),
+         "--set", "privacy.mode=central-fixed-client", "--set", "privacy.clipping-norm=0.5"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((run / "privacy.json").read_text())
+    assert report["mode"] == "central-fixed-client" and report["unit"].startswith("one hospital")
+    for site in report["sites"].values():
+        assert [r["round"] for r in site["rounds"]] == [1, 2] and 0 < site["epsilon"] <= 8
+        assert site["clipping-norm"] == 0.5
+    log = (run / "flower.log").read_text()
+    assert "fixedclipping_mod: parameters are clipped" in log and "central DP noise" in log
