@@ -49,7 +49,23 @@ def resolve_config(opt: RunOptions) -> RunConfig:
     threads = opt.cpus_per_site or max(1, cores // num_sites)  # by default all sites train at once
     if "train.num-threads" not in user:
         cfg = cfg.override({"train.num-threads": threads})
-    return _absolute_paths(cfg)
+    cfg = _absolute_paths(cfg)
+    _privacy_preflight(cfg, entry.synthetic)
+    return cfg
+
+
+def _privacy_preflight(cfg: RunConfig, synthetic: bool) -> None:
+    """Bad differential-privacy settings are refused here, before Flower starts (exit 2, one line)."""
+    if cfg.privacy.mode == "off":
+        return
+    from common.privacy import preflight
+
+    try:
+        preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
 
 
 def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:

@@ -39,3 +39,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragm
 def test_scenarios_are_listed(tmp_path: Path) -> None:
     result = _run("scenarios", cwd=tmp_path)
     assert result.returncode == 0 and "synthetic-3sites (default)" in result.stdout
+
+
+def test_bad_privacy_settings_are_refused_before_flower_starts(tmp_path: Path) -> None:
+    result = _run("run", "synthetic-tiny", "--set", "privacy.mode=local", "--set", "privacy.delta=0.5",
+                  "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "flower.log").exists()
