@@ -25,6 +25,7 @@ import torch
 
 from simulations import bench_federation as fed
 from simulations import bench_train as tr
+from simulations.figures import emit
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(args.size, compile_=not args.no_compile, cold_compile=args.cold_compile,
                      threads=args.threads, work=work, save=save)
     result["command"] = command
-    rows = table(result)
-    width = max(len(k) for k, _ in rows)
     print("histofed benchmark (SYNTHETIC data)")
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return emit(table(result), result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Loading is not the bottleneck when one worker delivers more img/s than a trainin
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from common.config import RunConfig
 from common.datasets import get_dataset
 from common.model import build_model
 from common.training import OPTIMIZERS, make_loader, prepare, to_input
+from simulations.figures import emit
 
 
 def loader_rate(cfg: RunConfig, workers: int, batch_size: int) -> float:
@@ -71,12 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "train-step-img-s (1 thread)": round(train_rate(cfg, args.batch_size), 1)}
         for w in (int(v) for v in args.workers.split(",")):
             result[f"loader-img-s ({w} workers)"] = round(loader_rate(cfg, w, args.batch_size), 1)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return emit(result.items(), result, args.out)
 
 
 if __name__ == "__main__":

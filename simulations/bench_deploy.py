@@ -10,7 +10,6 @@ ClientApp and building the model. Results are on SYNTHETIC data.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import tomli_w
 
 from common.flwr_process import free_port, read_history
 from simulations.scenarios import get_scenario
+from simulations.figures import emit
 
 BIN = Path(sys.executable).parent
 
@@ -90,12 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"data-kind": "synthetic", "rounds": args.rounds, "simulation-s-per-round": round(sim, 1),
               "deployment-s-per-round": round(dep, 1), "deployment / simulation": round(dep / sim, 2),
               **per_message_cost()}
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return emit(result.items(), result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from common.config import RunConfig
 from simulations.bench_train import Trainer, build, interleaved, random_batch, summarize
+from simulations.figures import emit
 
 TINY = {"model.backbone": "test_efficientnet", "model.image-size": 32, "model.token-dim": 8, "model.hidden-size": 8}
 NO_CUDA = "CUDA is not available on this machine: no GPU figures measured (use --tiny for a CPU smoke run)"
@@ -90,12 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not cuda:
         print(NO_CUDA.split(":")[0] + ": tiny CPU smoke run, not a GPU figure")
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return emit(result.items(), result, args.out)
 
 
 if __name__ == "__main__":
