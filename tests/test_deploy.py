@@ -95,7 +95,7 @@ def _sha(path: Path) -> str:
 @pytest.mark.slow
 def test_tls_authenticated_federation_rejects_strangers_and_resumes(tmp_path: Path, consortium) -> None:
     kit, data, started = consortium
-    fed = _federation(tmp_path, kit, rounds=3, sites=2)
+    fed = _federation(tmp_path, kit, rounds=2, sites=2)
     port = json.loads(json.dumps(__import__("tomllib").loads(fed.read_text())))["server"]["port"]
     server = _server(fed)
     started.append(server)
@@ -114,14 +114,14 @@ def test_tls_authenticated_federation_rejects_strangers_and_resumes(tmp_path: Pa
     assert server.returncode == 0, out
     run = tmp_path / "run"
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [ln["round"] for ln in lines] == [0, 1, 2, 3]
+    assert [ln["round"] for ln in lines] == [0, 1, 2]
     assert sorted(lines[-1]["sites"]) == ["hospital-a", "hospital-b"]
     assert lines[-1]["data-kind"] == "synthetic"  # the sites said so: their trees are generated fixtures
-    assert (run / "checkpoint.safetensors").is_file() and json.loads((run / "checkpoint.json").read_text())["round"] == 3
+    assert (run / "checkpoint.safetensors").is_file() and json.loads((run / "checkpoint.json").read_text())["round"] == 2
     reference = _sha(run / "model.safetensors")
 
     # The same federation again: kill the server (and its SuperLink) after round 1, resume, finish.
-    fed2 = _federation(tmp_path, kit, rounds=3, sites=2, run_dir="run2")
+    fed2 = _federation(tmp_path, kit, rounds=2, sites=2, run_dir="run2")
     port2 = __import__("tomllib").loads(fed2.read_text())["server"]["port"]
     server2 = _server(fed2)
     started.append(server2)
@@ -160,12 +160,16 @@ def test_a_site_killed_mid_round_does_not_stop_the_federation(tmp_path: Path) ->
             time.sleep(1)  # round 0 (evaluation of the initial model) is done: round 1 training starts now
         killed_at = time.monotonic()
         _kill_tree(clients["h-3"])  # kill -9 the hospital's SuperNode (and any ClientApp) mid-round
+        while time.monotonic() < deadline and len(metrics.read_text().splitlines()) < 2:
+            time.sleep(1)  # round 1 can only close once Flower has given up on the dead node
+        round_closed = time.monotonic() - killed_at
         out, _ = started[0].communicate(timeout=900)
         assert started[0].returncode == 0, out
         lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         assert [ln["round"] for ln in lines] == [0, 1, 2]
         assert sorted(lines[1]["train"]) == ["h-1", "h-2"] and sorted(lines[2]["sites"]) == ["h-1", "h-2"]
-        print(f"run finished {time.monotonic() - killed_at:.0f} s after the kill")
+        print(f"round 1 closed {round_closed:.0f} s after the kill (upper bound on detection); "
+              f"run finished {time.monotonic() - killed_at:.0f} s after it")
     finally:
         for proc in started:
             _kill_tree(proc)

@@ -137,5 +137,5 @@ def test_fedprox_term_pulls_local_weights_towards_the_global_model(tiny_cfg) -> 
         model = build_model(tiny_cfg.model)
         start = [p.detach().clone() for p in model.parameters()]
         train_local(model, data, tiny_cfg.train, torch.device("cpu"), seed=1, proximal_mu=mu)
-        drift[mu] = sum(float(((p - s) ** 2).sum()) for p, s in zip(model.parameters(), start))
+        drift[mu] = sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start))
     assert drift[100.0] < drift[0.0]
