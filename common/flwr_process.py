@@ -148,16 +148,21 @@ def _await_status(run_dir: Path, *, grace_s: float, on_poll: Callable[[], None])
         time.sleep(0.5)
 
 
-def stop_processes(procs: tuple[subprocess.Popen, ...], flwr_home: Path) -> None:
-    """Stop these processes and any Flower process naming this FLWR_HOME (a detached local SuperLink), with children."""
-    marker = str(flwr_home)
-    roots = [psutil.Process(p.pid) for p in procs if p.poll() is None]
+def processes_naming(marker: str) -> list[psutil.Process]:
+    """Processes whose command line mentions marker (e.g. a run's FLWR_HOME or run directory)."""
+    found = []
     for candidate in psutil.process_iter(["cmdline"]):
         try:
             if any(marker in part for part in candidate.info["cmdline"] or []):
-                roots.append(candidate)
+                found.append(candidate)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return found
+
+
+def stop_processes(procs: tuple[subprocess.Popen, ...], flwr_home: Path) -> None:
+    """Stop these processes and any Flower process naming this FLWR_HOME (a detached local SuperLink), with children."""
+    roots = [psutil.Process(p.pid) for p in procs if p.poll() is None] + processes_naming(str(flwr_home))
     victims: dict[int, psutil.Process] = {}
     for root in roots:
         try:

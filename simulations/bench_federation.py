@@ -32,6 +32,7 @@ from common.datasets import data_kind, get_dataset, synthetic
 from common.metrics import pooled_report
 from common.model import build_model
 from common.training import evaluate, prepare, select_device, train_local
+from common.flwr_process import processes_naming
 from simulations.runner import read_history, read_status
 from simulations.scenarios import DEFAULT_SCENARIO, get_scenario
 
@@ -64,13 +65,7 @@ def _rss_sample(marker: str, peaks: dict[int, tuple[str, int]], uss: dict[int, i
     For Ray's ClientApp workers also the USS (memory no other process shares: what one more client costs).
     Returns the summed RSS of this sample (shared library pages counted once per process).
     """
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                roots.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+    roots = processes_naming(marker)
     seen, total = set(), 0
     for root in roots:
         try:
