@@ -52,6 +52,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
         recorder.offset, state = run.load_checkpoint()
         initial = ArrayRecord({key: state[key] for key in initial.keys()})
         restore_strategy_state(strategy, run.load_strategy_state())
+        strategy.round_offset = recorder.offset
         log(INFO, "histofed: resuming after round %d of %d", recorder.offset, cfg.federation.rounds)
     strategy.set_reference(initial)
     if cfg.privacy.mode != "off":

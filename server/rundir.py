@@ -85,7 +85,8 @@ class RunDirectory:
     def save_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Arrays the strategy carries between rounds (FedAdam moments), beside the checkpoint."""
         if state:
-            save_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+            # np.array, not np.ascontiguousarray: that one turns 0-d arrays (num_batches_tracked) into shape (1,)
+            save_state_dict({k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()},
                             self.path / STRATEGY_STATE)
 
     def load_strategy_state(self) -> dict[str, np.ndarray]:

@@ -36,6 +36,9 @@ class KeyedAggregation:
     on_declined: Callable[[int, Mapping[str, tuple[MetricRecord, str]], int], None] | None = None
 
     max_update_norm: float = 0.0
+    # rounds completed before a resume: Flower numbers the resumed rounds from 1 again, but FedAdam's
+    # bias correction (and every message here) needs the run's true round
+    round_offset: int = 0
 
     def __init__(
         self, *args: object, transfer_dtype: str = "float32", max_update_norm: float = 0.0, **kwargs: object
@@ -75,6 +78,7 @@ class KeyedAggregation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate keys/shapes of every reply, aggregate with the base strategy, cast back."""
+        server_round += self.round_offset
         replies = self._without_declined(server_round, list(replies))
         if not replies:  # every sampled site declined: the model stays as it is
             return None, None

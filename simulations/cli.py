@@ -46,9 +46,11 @@ def run(
     cpus_per_site: Annotated[Optional[int], typer.Option(help="cores per site; default: all sites at once, cores shared")] = None,
     gpus_per_site: Annotated[Optional[float], typer.Option(help="GPU share per site (default: 1/sites if CUDA)")] = None,
     timeout: Annotated[float, typer.Option(help="wall-clock limit in seconds")] = 3600.0,
+    resume: Annotated[bool, typer.Option(help="continue --run-dir from its last checkpoint (--rounds may raise the total)")] = False,
 ) -> None:
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
-    options = RunOptions(scenario, rounds, sites, tuple(set_ or ()), data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
+    sets = (*(set_ or ()), *(("output.resume=true",) if resume else ()))
+    options = RunOptions(scenario, rounds, sites, sets, data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
     try:
         plan = make_plan(options)
     except (ConfigError, SimulationError, DatasetLayoutError, FileNotFoundError) as err:

@@ -77,10 +77,13 @@ def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
     partition = get_dataset(cfg.data.dataset).partition(cfg)  # also validates the data root before anything starts
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"run directory {path} exists and is not empty")
+    if cfg.output.resume and not (path / "checkpoint.json").is_file():
+        raise ConfigError(f"nothing to resume: {path / 'checkpoint.json'} does not exist")
+    if not cfg.output.resume and path.exists() and any(path.iterdir()):
+        raise ConfigError(f"run directory {path} exists and is not empty (use --resume to continue it)")
     path.mkdir(parents=True, exist_ok=True)
-    (path / "partition.json").write_text(json.dumps(partition, indent=1))
+    if not cfg.output.resume:  # a resumed run keeps the partition it started with
+        (path / "partition.json").write_text(json.dumps(partition, indent=1))
     cfg = cfg.override({"output.run-dir": str(path)})
     return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
                           _gpu_share(opt.gpus_per_site, cfg), opt.timeout)

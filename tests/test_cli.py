@@ -25,6 +25,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["run", "synthetic-tiny", "--set", "model.pretrained=true"], "pretrained-path"),
         (["run", "synthetic-tiny", "--set", "model.pretrained-path=/nonexistent/w.safetensors"], "file not found"),
         (["run", "synthetic-tiny", "--sites", "0"], "'federation.num-sites'"),
+        (["run", "synthetic-tiny", "--resume"], "nothing to resume"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:

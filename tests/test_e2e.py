@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from common.config import RunConfig
@@ -125,10 +126,23 @@ def test_reproduce_paper_prints_the_papers_figures_beside_the_measured(tmp_path:
     assert "0.9572" in result.stdout and "patient-disjoint" in result.stdout
 
 
-def test_fedadam_runs_and_checkpoints_its_moments(tmp_path: Path) -> None:
+def test_fedadam_checkpoints_its_moments_and_a_resumed_run_ends_on_the_same_weights(tmp_path: Path) -> None:
     result = _sim(tmp_path, "--rounds", "2", "--set", "federation.strategy=fedadam")
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "run"
     assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
     moments = load_file(str(run / "checkpoint-strategy.safetensors"))
     assert any(k.startswith("m_t/") for k in moments) and any(k.startswith("v_t/") for k in moments)
+
+    # Stopped after round 1, then resumed to round 2: the model, Adam moments and client seeds carry over.
+    part = tmp_path / "part"
+    part.mkdir()
+    first = _sim(part, "--rounds", "1", "--set", "federation.strategy=fedadam")
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = _sim(part, "--rounds", "2", "--set", "federation.strategy=fedadam", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    lines = [json.loads(ln) for ln in (part / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["round"] for ln in lines] == [0, 1, 2]
+    reference, continued = load_file(str(run / "model.safetensors")), load_file(str(part / "run" / "model.safetensors"))
+    assert reference.keys() == continued.keys()
+    assert all(torch.equal(reference[k], continued[k]) for k in reference)

@@ -101,3 +101,16 @@ def test_checkpoint_round_trip_and_resume_keeps_history(tmp_path: Path, tiny_cfg
     done, loaded = resumed.load_checkpoint()
     assert done == 2 and all(torch.equal(loaded[k], v) for k, v in state.items())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # history kept
+
+
+def test_strategy_state_keeps_zero_dimensional_arrays(tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    import numpy as np
+
+    from server.rundir import RunDirectory as RD
+
+    run = RD.for_config(tiny_cfg.override({"output.run-dir": str(tmp_path / "run")}), data_kind="synthetic")
+    moments = {"m_t/bn.num_batches_tracked": np.array(3.0), "v_t/w": np.arange(6.0).reshape(2, 3)[:, ::2]}
+    run.save_strategy_state(moments)
+    loaded = run.load_strategy_state()
+    assert {k: v.shape for k, v in loaded.items()} == {"m_t/bn.num_batches_tracked": (), "v_t/w": (2, 2)}
+    assert all(np.array_equal(loaded[k], v) for k, v in moments.items())
