@@ -31,3 +31,11 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for attr in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Dataset caches of the whole session (and the Flower processes it starts) stay out of ~/.cache."""
+    import os
+
+    os.environ.setdefault("HISTOFED_CACHE", str(tmp_path_factory.mktemp("histofed-cache")))

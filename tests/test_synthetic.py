@@ -49,3 +49,23 @@ def test_eight_subtypes_and_registry_names() -> None:
     entry = get_dataset("synthetic")
     assert entry.synthetic
     assert entry.site_names(RunConfig()) == [f"synthetic-hospital-{i}" for i in range(3)]
+
+
+def test_disk_cache_renders_once_and_survives_a_new_process(tmp_path, monkeypatch) -> None:
+    from common.datasets import synthetic
+
+    args = dict(site=1, num_sites=3, split="test", n=12, image_size=32, num_classes=2, seed=5)
+    fresh = generate.__wrapped__(**args)  # no cache_dir: rendered in memory only
+    calls = []
+    real = synthetic._render_split
+    monkeypatch.setattr(synthetic, "_render_split", lambda **kw: calls.append(kw) or real(**kw))
+    first = generate.__wrapped__(**args, cache_dir=str(tmp_path))  # __wrapped__: as a new process would
+    second = generate.__wrapped__(**args, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and len(list(tmp_path.glob("synthetic-*.npz"))) == 1
+    for got in (first, second):
+        assert np.array_equal(got.images, fresh.images) and np.array_equal(got.labels, fresh.labels)
+    next(tmp_path.glob("synthetic-*.npz")).write_bytes(b"not a zip")  # damaged: rebuilt, not trusted
+    third = generate.__wrapped__(**args, cache_dir=str(tmp_path))
+    assert len(calls) == 2 and np.array_equal(third.images, fresh.images)
+    generate.__wrapped__(**{**args, "seed": 6}, cache_dir=str(tmp_path))  # another key: another file
+    assert len(calls) == 3 and len(list(tmp_path.glob("synthetic-*.npz"))) == 2

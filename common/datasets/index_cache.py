@@ -1,13 +1,16 @@
-"""Cache of a dataset's file index on disk, so a restart does not re-walk hundreds of thousands of files."""
+"""On-disk caches: a dataset's file index (no re-walk on restart) and generated arrays (no re-render per message)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 INDEX_VERSION = 1
 
@@ -42,3 +45,31 @@ def cached_index(
     except OSError:
         pass  # a read-only cache location only costs speed
     return records
+
+
+def cached_arrays(
+    name: str, key: dict[str, Any], build: Callable[[], dict[str, np.ndarray]], *, cache_dir: Path,
+    code: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Return build()'s arrays, reusing an .npz file keyed by `key` and the generating module's source.
+
+    Deployment starts a fresh ClientApp process for every message, so a per-process cache does not
+    survive a round; this one does. Loading never unpickles (allow_pickle=False).
+    """
+    stamp = {**key, "version": INDEX_VERSION, "code": hashlib.sha1(code.read_bytes()).hexdigest() if code else ""}
+    path = cache_dir / f"{name}-{hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                return {k: saved[k] for k in saved.files}
+        except (OSError, ValueError, zipfile.BadZipFile):
+            pass  # a damaged cache is rebuilt
+    arrays = build()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)  # atomic: concurrent sites never read a half-written file
+    except OSError:
+        pass  # a read-only cache location only costs speed
+    return arrays

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.datasets.index_cache import cached_arrays, default_cache_dir
 from common.datasets.report import SplitSummary
 from common.datasets.splits import ArraySplit
 
@@ -118,6 +120,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
         image_size=cfg.model.image_size,
         num_classes=cfg.model.num_classes,
         seed=cfg.data.seed,
+        cache_dir=str(default_cache_dir(cfg.data.cache_dir)),
     )
     transform = stain_transform(cfg.data, train=split == "train")
     return ArraySplit(data.images, data.labels, transform) if transform else data
@@ -125,18 +128,29 @@ def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
 
 @functools.lru_cache(maxsize=16)
 def generate(
-    *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int
+    *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int,
+    cache_dir: str = "",
 ) -> ArraySplit:
-    """Render n patches for a site and split; cached per process (rounds reuse it)."""
+    """Render n patches for a site and split; cached per process, and on disk under cache_dir when given."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    key = {"site": site, "num_sites": num_sites, "split": split, "n": n, "image_size": image_size,
+           "num_classes": num_classes, "seed": seed}
+    build = functools.partial(_render_split, **key)  # deployment: a fresh process per message, so use the disk
+    arrays = cached_arrays("synthetic", key, build, cache_dir=Path(cache_dir), code=Path(__file__)) if cache_dir else build()
+    return ArraySplit(arrays["images"], arrays["labels"])
+
+
+def _render_split(
+    *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int
+) -> dict[str, np.ndarray]:
     hosp = hospital(site, num_sites, seed)
     rng = np.random.default_rng([seed, site, SPLITS[split], image_size])
     malignant = rng.random(n) < hosp.malignant_fraction
     subtype = np.where(malignant, rng.integers(4, 8, n), rng.integers(0, 4, n))
     images = np.stack([render(rng, image_size, SUBTYPES[s], hosp) for s in subtype])
     labels = subtype if num_classes == 8 else malignant.astype(np.int64)
-    return ArraySplit(images, labels.astype(np.int64))
+    return {"images": images, "labels": labels.astype(np.int64)}
 
 
 def render(rng: np.random.Generator, size: int, morph: Morphology, hosp: Hospital) -> np.ndarray:
