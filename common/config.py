@@ -142,7 +142,7 @@ class TrainConfig(_Section):
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")
     channels_last: bool = Field(True, description="channels_last memory format (faster convs)")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave as is)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in process)")
+    num_workers: int = Field(-1, ge=-1, description="DataLoader worker processes (-1 = auto, 0 = in process)")
     seed: int = Field(0, ge=0, description="training seed")
 
 

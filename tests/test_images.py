@@ -66,3 +66,19 @@ def test_file_split_skips_and_counts_or_fails_strictly(tmp_path) -> None:
     strict = FileSplit(tmp_path, ["b.png"], [1], image_size=32, strict=True)
     with pytest.raises(BadImageError, match="b.png"):
         strict[0]
+
+
+def test_auto_loader_workers_decode_files_in_parallel_only_where_a_gpu_waits(tmp_path, monkeypatch) -> None:
+    from common.datasets.splits import ArraySplit
+    from common.training import loader_workers, make_loader
+
+    files = FileSplit(tmp_path, ["a.png"], [0], 32)
+    arrays = ArraySplit(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4))
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(-1, files, cuda=True) == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(-1, files, cuda=True) == 1
+    assert loader_workers(-1, files, cuda=False) == 0 and loader_workers(-1, arrays, cuda=True) == 0
+    assert loader_workers(3, arrays, cuda=False) == 3  # an explicit count is kept
+    loader = make_loader(files, 2, seed=0, num_workers=-1, pin_memory=True)
+    assert loader.num_workers == 1 and loader.persistent_workers and loader.pin_memory

@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.datasets.splits import SiteSplit, collate_skipping
 from common.privacy.accounting import History, LocalPlan, epsilon, extend, plan_local
 from common.privacy.ledger import PrivacyLedger
-from common.training import OPTIMIZERS, TrainResult, augment, to_input
+from common.training import OPTIMIZERS, TrainResult, augment, loader_workers, to_input
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def dp_sgd(
     model.to(memory_format=torch.contiguous_format).train()  # NCHW: see dp_input
     opt = OPTIMIZERS[cfg.train.optimizer](model.parameters(), cfg.train.lr, cfg.train.weight_decay)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=_secret_generator(),
-                        num_workers=cfg.train.num_workers, collate_fn=_collate)
+                        num_workers=loader_workers(cfg.train.num_workers, data, cuda=device.type == "cuda"),
+                        collate_fn=_collate)
     hooks, dp_opt, dp_loader = engine.make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=cfg.privacy.poisson_sampling,
