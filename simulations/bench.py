@@ -1,6 +1,7 @@
 """The benchmark suite (issue 7): training img/s, federation vs pooled wall time, bytes per round, memory per client.
 
 Usage: python -m simulations.bench [--size default|tiny] [--out FILE.json] [--no-compile] [--cold-compile]
+       [--transfer-seeds N]
 Prints one table and writes JSON. Ratios are measured inside one process or one run (machines are
 noisy); absolute CPU times are context only. Every figure is on SYNTHETIC data. The GPU figures come
 from `python -m simulations.bench_gpu` on a CUDA machine.
@@ -78,19 +79,27 @@ def scale(name: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
             "federated/pooled cpu-s": round(federated["cpu-s (flower+ray processes, sampled)"] / pooled["cpu-s"], 3)}
 
 
-def transfer(size: Size, probe: dict[str, Any], demo: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Bytes per client and round for both dtypes (from the probe) and the demo scenario's accuracy with float16."""
-    half = fed.federated({**size.demo, "federation.transfer-dtype": "float16"}, work / "demo-float16")
+def transfer(size: Size, probe: dict[str, Any], demo: dict[str, Any], work: Path, seeds: int = 1) -> dict[str, Any]:
+    """Bytes per client and round for both dtypes (from the probe); the demo scenario's accuracy per dtype and seed."""
+    accuracy: dict[str, list[float]] = {"float32": [demo["federated"]["accuracy"]], "float16": []}
+    walls = []
+    for seed in range(seeds):  # seed 0's float32 run is the demo run itself
+        for dtype in ("float32", "float16") if seed else ("float16",):
+            run = fed.federated({**size.demo, "federation.transfer-dtype": dtype, "train.seed": seed},
+                                work / f"demo-{dtype}-seed{seed}")
+            accuracy[dtype].append(run["accuracy"])
+            walls += [run["wall-s"]] if dtype == "float16" else []
     total = {d: probe[d]["down-bytes (train + evaluate)"] + probe[d]["up-bytes"] for d in ("float32", "float16")}
-    acc32, acc16 = demo["federated"]["accuracy"], half["accuracy"]
+    mean = {d: sum(v) / len(v) for d, v in accuracy.items()}
     return {
         "model-fp32-bytes": probe["model-fp32-bytes"], "float32": probe["float32"], "float16": probe["float16"],
         "up-bytes float32/model": round(probe["float32"]["up-bytes"] / probe["model-fp32-bytes"], 4),
         "float16/float32 bytes per round": round(total["float16"] / total["float32"], 4),
         "float16 up-bytes/fp32 model": round(probe["float16"]["up-bytes"] / probe["model-fp32-bytes"], 4),
-        "accuracy float32": acc32, "accuracy float16": acc16,
-        "accuracy float16 - float32 (pt)": round(100 * (acc16 - acc32), 2),
-        "federated float16 wall-s": half["wall-s"],
+        "seeds": seeds, "accuracy float32 per seed": accuracy["float32"], "accuracy float16 per seed": accuracy["float16"],
+        "accuracy float32": round(mean["float32"], 4), "accuracy float16": round(mean["float16"], 4),
+        "accuracy float16 - float32 (pt)": round(100 * (mean["float16"] - mean["float32"]), 2),
+        "federated float16 wall-s": round(sum(walls) / len(walls), 1),
     }
 
 
@@ -110,7 +119,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, work: Path,
+def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, work: Path, seeds: int = 1,
         save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
     """Every benchmark at one size; `save` gets the partial result after each stage; returns the nested result."""
     size, start = SIZES[size_name], time.perf_counter()
@@ -132,7 +141,7 @@ def run(size_name: str, *, compile_: bool, cold_compile: bool, threads: int, wor
     result["memory"] = {k: v for k, v in probe.items() if "rss" in k}
     result["federation"] = {"demo": scale("demo", size.demo, work)}
     save(result)
-    result["transfer"] = transfer(size, probe, result["federation"]["demo"], work)
+    result["transfer"] = transfer(size, probe, result["federation"]["demo"], work, seeds)
     save(result)
     result["federation"]["compute"] = scale("compute", size.compute, work)
     demo = result["federation"]["demo"]
@@ -166,8 +175,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (a cold compile takes minutes)")
     parser.add_argument("--cold-compile", action="store_true", help="compile into an empty inductor cache")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the img/s figures (default 1)")
+    parser.add_argument("--transfer-seeds", type=int, default=1,
+                        help="seeds for the float16-vs-float32 accuracy (each adds two demo runs, ~70 s each here)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the federated run directories here")
     args = parser.parse_args(argv)
+    if args.transfer_seeds < 1:
+        parser.error(f"--transfer-seeds must be at least 1 (got {args.transfer_seeds})")
     command = shlex.join(["python", "-m", "simulations.bench", *(sys.argv[1:] if argv is None else argv)])
 
     def save(partial: dict[str, Any]) -> None:
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="histofed-bench-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         result = run(args.size, compile_=not args.no_compile, cold_compile=args.cold_compile,
-                     threads=args.threads, work=work, save=save)
+                     threads=args.threads, work=work, seeds=args.transfer_seeds, save=save)
     result["command"] = command
     print("histofed benchmark (SYNTHETIC data)")
     return emit(table(result), result, args.out)

@@ -97,3 +97,23 @@ def test_whole_suite_at_tiny_size_prints_and_writes_every_figure(tmp_path: Path,
     assert all(isinstance(goal["met"], bool) for goal in result["goals"].values())
     for key, value in bench.table(result):
         assert key in printed
+
+
+def test_float16_accuracy_is_compared_over_seeds(monkeypatch, tmp_path: Path) -> None:
+    runs = []
+
+    def fake(overrides, work):
+        runs.append((overrides["federation.transfer-dtype"], overrides["train.seed"]))
+        acc = 0.9 + 0.01 * overrides["train.seed"] - (0.02 if overrides["federation.transfer-dtype"] == "float16" else 0)
+        return {"accuracy": acc, "wall-s": 10.0}
+
+    monkeypatch.setattr(bench.fed, "federated", fake)
+    probe = {"model-fp32-bytes": 100, **{d: {"down-bytes (train + evaluate)": n, "up-bytes": n // 2}
+                                         for d, n in (("float32", 200), ("float16", 100))}}
+    out = bench.transfer(bench.SIZES["tiny"], probe, {"federated": {"accuracy": 0.9}}, tmp_path, seeds=3)
+    assert runs == [("float16", 0), ("float32", 1), ("float16", 1), ("float32", 2), ("float16", 2)]
+    assert out["accuracy float32 per seed"] == pytest.approx([0.90, 0.91, 0.92])
+    assert out["accuracy float16 - float32 (pt)"] == pytest.approx(-2.0)
+    assert out["float16/float32 bytes per round"] == 0.5
+    with pytest.raises(SystemExit):
+        bench.main(["--transfer-seeds", "0"])
