@@ -99,7 +99,7 @@ class DataConfig(_Section):
     stain_normalize: Literal["none", "macenko"] = Field("none", description="per-image stain normalisation")
     stain_reference: str = Field("", description="reference patch for Macenko ('' = torchstain's reference)")
     stain_augment: float = Field(0.0, ge=0.0, le=1.0, description="H&E (HED) jitter strength in training (0 = off)")
-    cache_dir: str = Field("", description="where dataset indexes are cached ('' = ~/.cache/histofed)")
+    cache_dir: str = Field("", description="where dataset indexes and rendered synthetic sites are cached ('' = ~/.cache/histofed)")
 
     @field_validator("dataset")
     @classmethod

@@ -1,6 +1,7 @@
 """Benchmark: input-pipeline img/s (per DataLoader worker) vs the CPU training step, on Camelyon17-layout PNGs.
 
-Usage: python -m simulations.bench_data [--patches 1536] [--image-size 96] [--workers 0,1,2]
+Usage: python -m simulations.bench_data [--patches 1536] [--image-size 96] [--workers 0,1,2] [--synthetic-train N]
+Also: one synthetic site rendered vs loaded from its disk cache (what a deployed ClientApp pays per message).
 Prints a table and writes JSON (--out). Images are SYNTHETIC patches in the real on-disk layout.
 Loading is not the bottleneck when one worker delivers more img/s than a training step consumes.
 """
@@ -19,6 +20,7 @@ from common.datasets import get_dataset
 from common.model import build_model
 from common.training import OPTIMIZERS, make_loader, prepare, to_input
 from simulations.figures import emit
+from simulations.scenarios import DEFAULT_SCENARIO, get_scenario
 
 
 def loader_rate(cfg: RunConfig, workers: int, batch_size: int) -> float:
@@ -47,6 +49,27 @@ def train_rate(cfg: RunConfig, batch_size: int, steps: int = 6) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def synthetic_site_seconds(cfg: RunConfig, cache_dir: Path) -> dict[str, float]:
+    """Seconds to get one synthetic site's train + test splits: rendered (a cold cache) vs read from the disk cache.
+
+    A deployed ClientApp is a fresh process per message, so without the disk cache it renders every time.
+    """
+    from common.datasets.synthetic import generate
+
+    def one_site() -> float:
+        start = time.perf_counter()
+        for split, n in (("train", cfg.data.train_per_site), ("test", cfg.data.test_per_site)):
+            generate.__wrapped__(site=0, num_sites=cfg.federation.num_sites, split=split, n=n,  # no in-process cache
+                                 image_size=cfg.model.image_size, num_classes=cfg.model.num_classes,
+                                 seed=cfg.data.seed, cache_dir=str(cache_dir))
+        return time.perf_counter() - start
+
+    rendered, cached = one_site(), one_site()
+    return {"synthetic site rendered-s (cold cache)": round(rendered, 4),
+            "synthetic site from-disk-cache-s": round(cached, 4),
+            "synthetic site rendered/cached": round(rendered / cached, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and print one table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--synthetic-train", type=int, default=RunConfig().data.train_per_site,
+                        help="training patches of the synthetic site timed rendered vs cached")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -71,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "train-step-img-s (1 thread)": round(train_rate(cfg, args.batch_size), 1)}
         for w in (int(v) for v in args.workers.split(",")):
             result[f"loader-img-s ({w} workers)"] = round(loader_rate(cfg, w, args.batch_size), 1)
+        synthetic = get_scenario(DEFAULT_SCENARIO).config().override({  # a site of the default scenario
+            "data.train-per-site": args.synthetic_train, "data.test-per-site": max(1, args.synthetic_train // 2)})
+        result.update(synthetic_site_seconds(synthetic, Path(tmp) / "synthetic-cache"))
     return emit(result.items(), result, args.out)
 
 
