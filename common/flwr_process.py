@@ -83,6 +83,7 @@ def submit_and_wait(
 ) -> dict[str, Any]:
     """Run `flwr run ... --stream`, wait, stop what it started (and extra_processes); return the status."""
     deadline = time.monotonic() + timeout_s
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)  # a resumed run's old "completed" must not end this one
     with (run_dir / LOG_FILE).open("ab") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flwr_environment(flwr_home),
@@ -91,10 +92,12 @@ def submit_and_wait(
         try:
             while proc.poll() is None:
                 on_poll()
+                if read_status(run_dir).get("status") == "completed":
+                    break  # every artefact is written: Ray's and the SuperLink's own shutdown (~4 s) is not waited for
                 if time.monotonic() > deadline:
                     raise FlowerRunError(f"run exceeded its {timeout_s:g} s timeout")
                 time.sleep(0.5)
-            status = _await_status(run_dir, grace_s=15.0 if proc.returncode == 0 else 0.0, on_poll=on_poll)
+            status = _await_status(run_dir, grace_s=15.0 if proc.returncode in (0, None) else 0.0, on_poll=on_poll)
         finally:
             stop_processes((proc, *extra_processes), flwr_home)
     on_poll()

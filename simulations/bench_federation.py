@@ -106,7 +106,7 @@ def federated(overrides: dict[str, Any], run_dir: Path, *, timeout_s: float = 90
 
 def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, timeout_s: float,
                     start_timeout_s: float) -> dict[str, Any] | None:
-    cmd = [FLOWER_SIM, "run", scenario, "--run-dir", str(run_dir)]
+    cmd = [FLOWER_SIM, "run", scenario, "--run-dir", str(run_dir), "--no-report"]  # pooled renders no report either
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     peaks: dict[int, tuple[str, int]] = {}

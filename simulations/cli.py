@@ -47,6 +47,7 @@ def run(
     gpus_per_site: Annotated[Optional[float], typer.Option(help="GPU share per site (default: 1/sites if CUDA)")] = None,
     timeout: Annotated[float, typer.Option(help="wall-clock limit in seconds")] = 3600.0,
     resume: Annotated[bool, typer.Option(help="continue --run-dir from its last checkpoint (--rounds may raise the total)")] = False,
+    report: Annotated[bool, typer.Option(help="write report.html at the end (`flower-sim report RUN_DIR` writes it later)")] = True,
 ) -> None:
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
     sets = (*(set_ or ()), *(("output.resume=true",) if resume else ()))
@@ -55,7 +56,7 @@ def run(
         plan = make_plan(options)
     except (ConfigError, SimulationError, DatasetLayoutError, FileNotFoundError) as err:
         _fail(str(err))
-    sys.exit(_execute(plan, scenario))
+    sys.exit(_execute(plan, scenario, report=report))
 
 
 @app.command()
@@ -137,7 +138,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _execute(plan: SimulationPlan, scenario: str) -> int:
+def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     rounds = plan.cfg.federation.rounds
     console.print(
@@ -171,7 +172,8 @@ def _execute(plan: SimulationPlan, scenario: str) -> int:
     if get_scenario(scenario).paper and history:
         console.print(paper_table({"federated, global (pooled test)": history[-1]["global"]},
                                   history[-1].get("data-kind", "unknown")))
-    _write_report(plan.run_dir)
+    if report:
+        _write_report(plan.run_dir)
     console.print(f"[green]completed[/green] in {status.get('elapsed-s', '?')} s · run directory: {plan.run_dir}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_pooled_training_reports_wall_time_and_accuracy() -> None:
 @pytest.mark.slow
 def test_whole_suite_at_tiny_size_prints_and_writes_every_figure(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
-    result = bench.main(["--size", "tiny", "--out", str(out)])
+    result = bench.main(["--size", "tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text())["goals"] == result["goals"]
     assert result["data-kind"] == "synthetic" and "SYNTHETIC" in printed
@@ -90,10 +91,13 @@ def test_whole_suite_at_tiny_size_prints_and_writes_every_figure(tmp_path: Path,
         _positive(scale["federated"], ["wall-s", "serverapp-s", "threads-total", "ray-client-workers",
                                        "peak-rss-mib (largest ray client worker)"])
         _positive(scale["pooled"], ["wall-s", "train-s"])
-        assert scale["pooled"]["threads"] == scale["federated"]["threads-total"]
+        assert scale["pooled"]["threads"] == min(scale["federated"]["threads-total"], os.cpu_count() or 1)
         _positive(scale, ["federated/pooled wall"])
     assert result["transfer"]["float16"]["up-bytes"] < result["transfer"]["float32"]["up-bytes"]
     assert set(result["goals"]) == set(bench.GOALS)
+    runs = list((tmp_path / "work").glob("*/status.json"))
+    assert len(runs) == 3 and all(json.loads(s.read_text())["status"] == "completed" for s in runs)
+    assert not list((tmp_path / "work").rglob("report.html"))  # --no-report: pooled renders none either
     assert all(isinstance(goal["met"], bool) for goal in result["goals"].values())
     for key, value in bench.table(result):
         assert key in printed
