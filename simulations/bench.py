@@ -86,14 +86,13 @@ def scale(name: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def transfer(size: Size, probe: dict[str, Any], demo: dict[str, Any], work: Path, seeds: int = 1) -> dict[str, Any]:
     """Bytes per client and round for both dtypes (from the probe); the demo scenario's accuracy per dtype and seed."""
-    accuracy: dict[str, list[float]] = {"float32": [demo["federated"]["accuracy"]], "float16": []}
-    walls = []
+    runs: dict[str, list[dict[str, Any]]] = {"float32": [demo["federated"]], "float16": []}
     for seed in range(seeds):  # seed 0's float32 run is the demo run itself
         for dtype in ("float32", "float16") if seed else ("float16",):
-            run = fed.federated({**size.demo, "federation.transfer-dtype": dtype, "train.seed": seed},
-                                work / f"demo-{dtype}-seed{seed}")
-            accuracy[dtype].append(run["accuracy"])
-            walls += [run["wall-s"]] if dtype == "float16" else []
+            runs[dtype].append(fed.federated({**size.demo, "federation.transfer-dtype": dtype, "train.seed": seed},
+                                             work / f"demo-{dtype}-seed{seed}"))
+    accuracy = {d: [r["accuracy"] for r in rs] for d, rs in runs.items()}
+    walls = [r["wall-s"] for r in runs["float16"]]
     total = {d: probe[d]["down-bytes (train + evaluate)"] + probe[d]["up-bytes"] for d in ("float32", "float16")}
     mean = {d: sum(v) / len(v) for d, v in accuracy.items()}
     return {

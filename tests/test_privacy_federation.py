@@ -214,14 +214,19 @@ def test_dp_benchmark_prints_its_figures_at_the_tiny_size(capsys) -> None:
     assert set(result["throughput"]["img-s"]) == {"normal", "gn-no-dp", "dp-fast", "dp-stock"}
 
 
-@pytest.mark.slow
-def test_a_dp_simulation_completes_and_writes_the_privacy_report(tmp_path: Path) -> None:
+def _two_site_simulation(tmp_path: Path, rounds: int, *sets: str) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path / "run"
+    args = [a for kv in sets for a in ("--set", kv)]
     result = subprocess.run(
-        [FLOWER_SIM, "run", "synthetic-tiny", "--sites", "2", "--rounds", "1", "--run-dir", str(run),
-         "--set", "privacy.mode=local", "--set", "privacy.target-epsilon=8"],
+        [FLOWER_SIM, "run", "synthetic-tiny", "--sites", "2", "--rounds", str(rounds), "--run-dir", str(run), *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
+    return run, result
+
+
+@pytest.mark.slow
+def test_a_dp_simulation_completes_and_writes_the_privacy_report(tmp_path: Path) -> None:
+    run, result = _two_site_simulation(tmp_path, 1, "privacy.mode=local", "privacy.target-epsilon=8")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((run / "privacy.json").read_text())
     assert report["mode"] == "local" and report["accountant"] == "rdp" and report["data-kind"] == "synthetic"
@@ -272,12 +277,7 @@ def test_fedbn_keeps_normalization_layers_at_the_site(tiny_cfg, tmp_path, mode) 
 
 @pytest.mark.slow
 def test_a_central_dp_simulation_with_client_side_clipping_completes(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [FLOWER_SIM, "run", "synthetic-tiny", "--sites", "2", "--rounds", "2", "--run-dir", str(run),
-         "--set", "privacy.mode=central-fixed-client", "--set", "privacy.clipping-norm=0.5"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-    )
+    run, result = _two_site_simulation(tmp_path, 2, "privacy.mode=central-fixed-client", "privacy.clipping-norm=0.5")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((run / "privacy.json").read_text())
     assert report["mode"] == "central-fixed-client" and report["unit"].startswith("one hospital")
