@@ -5,17 +5,21 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp import mod as flwr_mods
 from flwr.clientapp.typing import ClientAppCallable
+from torch import nn
 
 from common import protocol as P
 from common.config import ModelConfig, PrivacyConfig, RunConfig
-from common.datasets import get_dataset
-from common.privacy import DECLINED, build_model_for, encode_metrics, ledger_path, train_private
-from common.privacy.local_norm import keep_local_norm, local_norm_path, restore_local_norm
+from common.datasets.registry import load_site
+from common.fedbn import keep_local_norm, local_norm_path, restore_local_norm
+from common.model import build_model_for
+from common.privacy.ledger import ledger_path
+from common.privacy.modes import privacy_mode
+from common.privacy.monitor import DECLINED, encode_metrics
+from common.seeds import site_seed
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -30,9 +34,9 @@ def _architecture(cfg: ModelConfig, privacy: PrivacyConfig) -> nn.Module:
 
 
 def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's client-side clipping mod, applied only when the run uses a client-side central-DP wrapper."""
-    mode = str(context.run_config.get("privacy.mode", "off"))
-    mod = {"central-fixed-client": fixedclipping_mod, "central-adaptive-client": adaptiveclipping_mod}.get(mode)
+    """Flower's client-side clipping mod named by the privacy-mode table, applied only when the run's mode has one."""
+    spec = privacy_mode(str(context.run_config.get("privacy.mode", "off")))
+    mod = getattr(flwr_mods, spec.client_mod) if spec.client_mod else None
     return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
@@ -43,7 +47,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
     device = select_device(cfg.train.device)
     model = _architecture(cfg.model, cfg.privacy).cpu()
     load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
-    if cfg.privacy.local_norm:  # FedBN: this site's own normalization layers over the global ones
+    if cfg.federation.local_norm:  # FedBN: this site's own normalization layers over the global ones
         restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
@@ -61,11 +65,13 @@ def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts."""
     cfg, site, model, device = _setup(msg, context)
     config = msg.content[P.CONFIG]
-    server_round = int(config.get(P.SERVER_ROUND, 0)) + int(config.get(P.ROUND_OFFSET, 0))
-    data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train")
-    seed = cfg.train.seed * 1_000_003 + server_round * 1009 + site.index
-    if cfg.privacy.mode == "local":  # a site whose budget is spent declines; the server drops it or stops
-        private = train_private(model=model, data=data, cfg=cfg, device=device, seed=seed, site=site.name,
+    server_round = int(config.get(P.SERVER_ROUND, 0))  # the run's true round (the server numbers across resumes)
+    data = load_site(cfg, site.index, "train")
+    seed = site_seed(cfg.train.seed, server_round, site.index)
+    if cfg.privacy.spec.local:  # a site whose budget is spent declines; the server drops it or stops
+        from common.privacy.trainer import train_private  # Opacus is imported only for DP-SGD sites
+
+        private = train_private(model, data, cfg, device, seed=seed, site=site.name,
                                 ledger_file=ledger_path(cfg, site.name, context.node_config),
                                 server_round=server_round, run_id=context.run_id)
         if private.declined:
@@ -79,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
     state = {k: (v.detach().to(wire) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
-    if cfg.privacy.local_norm:  # kept at the site; sent back as received, so never averaged
+    if cfg.federation.local_norm:  # kept at the site; sent back as received, so never averaged
         state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
                                 msg.content[P.ARRAYS].to_torch_state_dict())
     return _reply(msg, site, metrics, ArrayRecord(state))
@@ -89,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and score histograms on the site's held-out test split."""
     cfg, site, model, device = _setup(msg, context)
-    data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "test")
+    data = load_site(cfg, site.index, "test")
     result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
                       channels_last=cfg.train.channels_last)
     return _reply(msg, site, P.encode_eval(result))

@@ -9,10 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.config import ConfigError, RunConfig, parse_assignments
-from common.datasets import DATASETS, data_kind, get_dataset
+from common.config import RunConfig, parse_assignments
 from common.datasets.images import BadImageError
-from common.datasets.report import DatasetLayoutError, SplitSummary
+from common.datasets.names import DATASET_NAMES
+from common.datasets.registry import data_kind, get_dataset
+from common.datasets.summary import SplitSummary
+from common.errors import ConfigError, DatasetLayoutError
 
 REQUIRED_SPLITS = ("train", "test")
 app = typer.Typer(help="histofed hospital-side commands.", add_completion=False, no_args_is_help=True,
@@ -35,7 +37,7 @@ def _group() -> None:
 
 @app.command("check-data")
 def check_data(
-    dataset: Annotated[str, typer.Option(help=f"one of: {', '.join(DATASETS)}")] = "synthetic",
+    dataset: Annotated[str, typer.Option(help=f"one of: {', '.join(DATASET_NAMES)}")] = "synthetic",
     root: Annotated[Optional[Path], typer.Option(help="data root (BreaKHis_v1 or camelyon17_v1.0 folder)")] = None,
     site: Annotated[Optional[str], typer.Option(help="only this site")] = None,
     sites: Annotated[Optional[int], typer.Option(help="number of sites to partition into (BreakHis, synthetic)")] = None,

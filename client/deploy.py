@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.ports import free_port
+
 PERMANENT = {  # supernode output → one-line cause; these do not get better by retrying
     "CERTIFICATE_VERIFY_FAILED": "TLS: the server's certificate is not signed by the CA given with --root-cert",
     "WRONG_VERSION_NUMBER": "TLS: the server does not speak TLS (started with --insecure?)",
@@ -69,7 +71,7 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     while True:
-        port = opt.runtime_port or _free_port()
+        port = opt.runtime_port or free_port()
         say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
         with log_path.open("ab") as log:
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
@@ -128,11 +130,3 @@ def _cause(log_path: Path, causes: dict[str, str]) -> str:
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
     tail = text[text.rfind("Starting Flower SuperNode"):] if "Starting Flower SuperNode" in text else text[-6000:]
     return next((cause for marker, cause in causes.items() if marker in tail), "")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

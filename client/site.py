@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import RunConfig
-from common.datasets import data_kind, get_dataset
+from common.datasets.registry import data_kind, get_dataset
 
 
 @dataclass(frozen=True)

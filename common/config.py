@@ -8,20 +8,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.backbones import ARCHITECTURES, BACKBONES
-from common.datasets import DATASETS
+from common.datasets.names import DATASET_NAMES
+from common.errors import ConfigError
+from common.privacy.modes import PRIVACY_MODES, PrivacyMode
 
 FlatValue = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake; the message names the key."""
+PrivacyModeName = Literal[tuple(PRIVACY_MODES)]  # type: ignore[valid-type]  # the mode table's names
+RENAMED = {"privacy.local-norm": "federation.local-norm"}  # old key → new key: refused with the new name
 
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _registered(value: str, registry: Mapping[str, Any], what: str) -> str:
+def _registered(value: str, registry: Iterable[str], what: str) -> str:
     if value not in registry:
         raise ValueError(f"unknown {what} '{value}' (choose from {', '.join(registry)})")
     return value
@@ -104,7 +104,7 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        return _registered(value, DATASETS, "dataset")
+        return _registered(value, DATASET_NAMES, "dataset")
 
     @field_validator("magnifications")
     @classmethod
@@ -167,6 +167,7 @@ class FederationConfig(_Section):
     transfer_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of float arrays on the wire (float16 halves bytes; fp32 master weights stay on the server)")
     holdout_site: int = Field(-1, ge=-1, description="site index kept out of training (-1 = none)")
     max_update_norm: float = Field(0.0, ge=0.0, description="reject updates farther than this (L2) from the global model (0 = no bound)")
+    local_norm: bool = Field(False, description="FedBN/SiloBN: normalization layers stay at each site, never sent or averaged")
 
     @property
     def training_sites(self) -> list[int]:
@@ -197,10 +198,7 @@ class OutputConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy: local DP-SGD per site (Opacus), or central DP through Flower's strategy wrappers."""
 
-    mode: Literal[
-        "off", "local", "central-fixed-server", "central-fixed-client", "central-adaptive-server",
-        "central-adaptive-client",
-    ] = Field("off", description="off; local = DP-SGD at every site; central-* = Flower's clipping + noise wrappers")
+    mode: PrivacyModeName = Field("off", description="off; local = DP-SGD at every site; central-* = Flower's clipping + noise wrappers")
     target_epsilon: float = Field(8.0, gt=0.0, description="ε budget at delta: per site (local) or per hospital over the run (central)")
     noise_multiplier: float | Literal["auto"] = Field("auto", description="σ, or 'auto' = calibrated so the planned rounds spend target-epsilon")
     delta: float = Field(0.0, ge=0.0, lt=1.0, description="δ (0 = min(1e-5, 0.1/N)); must be below 1/N")
@@ -209,11 +207,15 @@ class PrivacyConfig(_Section):
     poisson_sampling: bool = Field(True, description="local: Poisson-sampled batches (what the accountant assumes)")
     fast_depthwise: bool = Field(True, description="local: per-group per-sample gradients for grouped/depthwise convs")
     on_budget_exhausted: Literal["skip-site", "stop"] = Field("skip-site", description="a site whose budget is spent declines; the server continues without it, or stops")
-    ledger_dir: str = Field("", description="local: folder of the per-site privacy ledgers ('' = <run-dir>/privacy-ledger, else ~/.local/state/histofed)")
+    ledger_dir: str = Field("", description="local: folder of the per-site privacy ledgers ('' = the run directory's ledger folder, else ~/.local/state/histofed)")
     clipping_norm: float = Field(1.0, gt=0.0, description="central: L2 clipping norm of each site's update (initial norm when adaptive)")
     target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0, description="central adaptive: share of updates to clip")
     clip_norm_lr: float = Field(0.2, gt=0.0, description="central adaptive: clipping-norm learning rate")
-    local_norm: bool = Field(False, description="FedBN/SiloBN: normalization layers stay at each site, never sent or averaged")
+
+    @property
+    def spec(self) -> PrivacyMode:
+        """This mode's entry in the privacy-mode table (kind, Flower wrapper and mod, mechanism)."""
+        return PRIVACY_MODES[self.mode]
 
     @field_validator("noise_multiplier", mode="before")
     @classmethod
@@ -251,7 +253,7 @@ class RunConfig(_Section):
         for key, value in flat.items():
             section, sep, name = str(key).partition(".")
             if not sep or not name or section not in cls.model_fields:
-                raise ConfigError(f"unknown configuration key '{key}'")
+                raise ConfigError(unknown_key(str(key)))
             nested.setdefault(section, {})[name] = value
         return cls.validate_nested(nested)
 
@@ -279,9 +281,16 @@ class RunConfig(_Section):
         flat: dict[str, Any] = dict(self.to_flat())
         for key in pairs:
             if key not in flat:
-                raise ConfigError(f"unknown configuration key '{key}'")
+                raise ConfigError(unknown_key(key))
         flat.update(pairs)
         return RunConfig.from_flat(flat)
+
+
+def unknown_key(key: str) -> str:
+    """The message for a key the configuration does not have (naming its new name when it was renamed)."""
+    if key in RENAMED:
+        return f"configuration key '{key}' was renamed: use '{RENAMED[key]}'"
+    return f"unknown configuration key '{key}'"
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
@@ -300,7 +309,7 @@ def _one_line(err: ValidationError, nested: Mapping[str, Any]) -> str:
     loc = [str(part) for part in first["loc"]]
     key = ".".join(loc) if loc else "config"
     if first["type"] == "extra_forbidden":
-        return f"unknown configuration key '{key}'"
+        return unknown_key(key)
     msg = first["msg"].removeprefix("Value error, ")
     if len(loc) == 2:
         given = nested.get(loc[0], {}).get(loc[1], None)

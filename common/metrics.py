@@ -10,7 +10,8 @@ scores quantised to `bins` levels for AUC). Undefined ratios (0/0) are 0, as sci
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -102,17 +103,18 @@ def compute_metrics(confusion: np.ndarray, histograms: np.ndarray | None = None)
     return out
 
 
-class SiteCounts(Protocol):
-    """What one site contributes to pooled metrics (an EvalResult, or counts decoded from a reply)."""
+@dataclass(frozen=True)
+class EvalResult:
+    """What one site contributes to pooled metrics: loss, confusion counts and score histograms (never ratios)."""
 
     loss: float
     num_examples: int
-    confusion: np.ndarray
-    histograms: np.ndarray
-    skipped: int
+    confusion: np.ndarray  # K x K
+    histograms: np.ndarray  # K x 2 x bins
+    skipped: int = 0
 
 
-def pooled_report(per_site: Mapping[str, SiteCounts]) -> dict[str, Any]:
+def pooled_report(per_site: Mapping[str, EvalResult]) -> dict[str, Any]:
     """Global metrics from counts SUMMED over sites (never averaged ratios), plus each site's own."""
     sites: dict[str, Any] = {}
     total_cm = total_hist = None

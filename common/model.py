@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import BACKBONES
-from common.config import ConfigError, ModelConfig
+from common.config import ModelConfig, PrivacyConfig
+from common.errors import ConfigError
+from common.weights import read_state_dict
 
 
 class AdditiveAttention(nn.Module):
@@ -90,7 +92,7 @@ class HybridEffNetGRU(nn.Module):
 def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     """Build the configured classifier (the hybrid or a baseline); pretrained weights only from a LOCAL file."""
     if cfg.architecture != "hybrid":
-        from common.baselines import build_baseline
+        from common.paper_baselines import build_baseline  # torchvision is imported only for a baseline
 
         return build_baseline(cfg)
     spec = BACKBONES[cfg.backbone]
@@ -110,10 +112,20 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     )
 
 
+def build_model_for(model_cfg: ModelConfig, privacy_cfg: PrivacyConfig, *, load_pretrained: bool = True) -> nn.Module:
+    """The model of this run, identical on server and clients: plain, or DP-compatible whenever privacy is on."""
+    if not privacy_cfg.spec.private:
+        return build_model(model_cfg, load_pretrained=load_pretrained)
+    from common.privacy.dp_model import make_dp_compatible  # Opacus is imported only when privacy is on
+    from common.privacy.preflight import check_dp_architecture
+
+    check_dp_architecture(model_cfg)
+    model = build_model(model_cfg, load_pretrained=load_pretrained)
+    return make_dp_compatible(model, fast_depthwise=privacy_cfg.fast_depthwise, what=f"backbone '{model_cfg.backbone}'")
+
+
 def _load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """Load a timm checkpoint (safetensors or weights-only torch file) into the feature backbone."""
-    from common.weights import read_state_dict
-
     state = read_state_dict(path)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.training import EvalResult
+from common.metrics import EvalResult
 
 # RecordDict keys
 ARRAYS = "arrays"
@@ -16,7 +16,6 @@ SITE = "site"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
-ROUND_OFFSET = "round-offset"  # rounds completed before a resume (Flower restarts numbering at 1)
 SITE_NAME = "name"
 DATA_KIND = "data-kind"
 TRAIN_LOSS = "train-loss"

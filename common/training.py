@@ -12,12 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
 from common.datasets.splits import ArraySplit, SiteSplit, collate_skipping
-from common.metrics import DEFAULT_BINS, confusion_matrix, score_histograms
+from common.metrics import DEFAULT_BINS, EvalResult, confusion_matrix, score_histograms
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -35,17 +34,6 @@ class TrainResult:
     loss: float
     num_examples: int
     seconds: float
-    skipped: int = 0
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Counts a site sends for pooled metrics: confusion matrix and score histograms."""
-
-    loss: float
-    num_examples: int
-    confusion: np.ndarray  # K x K
-    histograms: np.ndarray  # K x 2 x bins
     skipped: int = 0
 
 

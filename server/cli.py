@@ -52,9 +52,9 @@ def start(
     """Start the SuperLink (TLS + node authentication), register site keys, run histofed; exit 1 if the run failed."""
     import signal
 
-    from common.config import ConfigError
-    from common.flwr_process import FlowerRunError
+    from common.errors import ConfigError
     from server.deploy import load_federation, start_federation
+    from server.launch import FlowerRunError
 
     def _interrupt(*_: object) -> None:
         raise KeyboardInterrupt

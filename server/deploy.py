@@ -14,10 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.config import ConfigError, RunConfig
-from common.flwr_process import (
-    FlowerRunError, find_app_dir, flwr_environment, flwr_executable, read_history, submit_and_wait,
-    write_connection, write_run_config,
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.rundir import RunDirectory
+from server.launch import (
+    FlowerRunError, find_app_dir, flwr_environment, flwr_executable, submit_and_wait, write_connection,
+    write_run_config,
 )
 
 CONNECTION = "histofed-federation"
@@ -94,11 +96,11 @@ def check_ready(fed: Federation, *, insecure: bool) -> None:
             raise ConfigError(f"port {s.port} on {s.host} is not available ({err.strerror})") from None
 
 
-def superlink_command(fed: Federation, run_dir: Path, *, insecure: bool) -> list[str]:
+def superlink_command(fed: Federation, run: RunDirectory, *, insecure: bool) -> list[str]:
     """flower-superlink with TLS and SuperNode authentication (or --insecure), state in the run directory."""
     s = fed.server
     cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", s.host, "--port", str(s.port),
-           "--database", str(run_dir / "state.db"), "--disable-runtime-dependency-installation"]
+           "--database", str(run.file(RunDirectory.STATE_DB)), "--disable-runtime-dependency-installation"]
     if insecure:
         return cmd + ["--insecure"]
     return cmd + ["--ssl-ca-certfile", s.ca_cert, "--ssl-certfile", s.server_cert, "--ssl-keyfile", s.server_key,
@@ -109,37 +111,37 @@ def start_federation(
     fed: Federation, *, insecure: bool, resume: bool, say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Start the SuperLink, register site keys, submit and follow the run; stop everything at the end."""
-    run_dir = Path(fed.server.run_dir)
-    if resume and not (run_dir / "checkpoint.json").is_file():
-        raise ConfigError(f"nothing to resume: {run_dir / 'checkpoint.json'} does not exist")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} exists and is not empty (use --resume to continue it)")
+    run = RunDirectory(Path(fed.server.run_dir))
+    if resume and not run.has_checkpoint():
+        raise ConfigError(f"nothing to resume: {run.file(RunDirectory.CHECKPOINT)} does not exist")
+    if not resume and run.path.exists() and any(run.path.iterdir()):
+        raise ConfigError(f"run directory {run.path} exists and is not empty (use --resume to continue it)")
     check_ready(fed, insecure=insecure)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flwr_home = run_dir / ".flwr"
+    run.path.mkdir(parents=True, exist_ok=True)
     address = fed.server.address or f"127.0.0.1:{fed.server.port}"
-    write_connection(flwr_home, CONNECTION, {"address": address, "insecure": True} if insecure
+    write_connection(run.flwr_home, CONNECTION, {"address": address, "insecure": True} if insecure
                      else {"address": address, "root-certificates": fed.server.ca_cert})
-    cfg = fed.run.override({"output.run-dir": str(run_dir), "output.resume": resume})
-    config_path = write_run_config(cfg, run_dir / "run-config.toml")
-    with (run_dir / "superlink.log").open("ab") as log:
-        superlink = subprocess.Popen(superlink_command(fed, run_dir, insecure=insecure), stdout=log,
+    cfg = fed.run.override({"output.run-dir": str(run.path), "output.resume": resume})
+    config_path = write_run_config(cfg, run)
+    superlink_log = run.file(RunDirectory.SUPERLINK_LOG)
+    with superlink_log.open("ab") as log:
+        superlink = subprocess.Popen(superlink_command(fed, run, insecure=insecure), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env=flwr_environment(flwr_home))
+                                     env=flwr_environment(run.flwr_home))
     try:
-        _wait_listening(superlink, fed.server.port, run_dir / "superlink.log")
+        _wait_listening(superlink, fed.server.port, superlink_log)
         say(f"SuperLink listening on {fed.server.host}:{fed.server.port} ({'INSECURE' if insecure else 'TLS + node authentication'})")
         for key in fed.server.site_keys:
-            _register(key, flwr_home)
+            _register(key, run.flwr_home)
             say(f"registered site key {Path(key).name}")
     except BaseException:
         superlink.terminate()
         superlink.wait(timeout=10)
         raise
-    seen = {"n": len(read_history(run_dir))}
+    seen = {"n": len(run.history())}
 
     def poll() -> None:
-        history = read_history(run_dir)
+        history = run.history()
         for record in history[seen["n"]:]:
             g = record["global"]
             say(f"round {record['round']}/{cfg.federation.rounds}: global accuracy {g.get('accuracy', 0):.3f}, "
@@ -148,8 +150,7 @@ def start_federation(
 
     cmd = [flwr_executable(), "run", str(find_app_dir()), CONNECTION, "--stream", "--run-config", str(config_path)]
     say(f"run submitted; waiting for at least {cfg.federation.min_available_sites} sites")
-    return submit_and_wait(cmd, run_dir, flwr_home, timeout_s=fed.server.timeout_s, on_poll=poll,
-                           extra_processes=(superlink,))
+    return submit_and_wait(cmd, run, timeout_s=fed.server.timeout_s, on_poll=poll, extra_processes=(superlink,))
 
 
 def _wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:

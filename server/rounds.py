@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as P
-from common.metrics import pooled_report as pool
-from common.privacy import PrivacyMonitor
-from common.training import EvalResult
-from server.rundir import RunDirectory
+from common.metrics import EvalResult, pooled_report
+from common.rundir import RunDirectory
 
 
-def _site_name(record: RecordDict, fallback: int) -> str:
+def site_name(record: RecordDict, fallback: int) -> str:
+    """The site a reply comes from (as it names itself), or node-<i> when it does not say."""
     site = record.config_records.get(P.SITE)
     return str(site[P.SITE_NAME]) if site and P.SITE_NAME in site else f"node-{fallback}"
 
@@ -24,72 +24,59 @@ def _metrics(record: RecordDict) -> MetricRecord:
     return next(iter(record.metric_records.values()))
 
 
-def pooled_report(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
-    """Decode each site's counts from its reply and pool them (common.metrics.pooled_report)."""
+def pool_replies(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
+    """Decode each site's counts from its evaluation reply and pool them (common.metrics.pooled_report)."""
     per_site = {}
     for i, record in enumerate(records):
         m = _metrics(record)
         cm, hist = P.decode_counts(dict(m), num_classes)
-        per_site[_site_name(record, i)] = EvalResult(
+        per_site[site_name(record, i)] = EvalResult(
             loss=float(m[P.EVAL_LOSS]), num_examples=int(m[P.NUM_EXAMPLES]), confusion=cm, histograms=hist,
             skipped=int(m.get(P.SKIPPED, 0)),
         )
-    return pool(per_site)
+    return pooled_report(per_site)
 
 
 class RoundRecorder:
-    """Collects train/evaluate aggregates of a round and writes them when the round ends."""
+    """Collects a round's train and evaluate aggregates (Flower's metric-aggregation hooks) and writes its line."""
 
     def __init__(self, run: RunDirectory, num_classes: int) -> None:
         self.run = run
         self.num_classes = num_classes
         self.history: list[dict[str, Any]] = []
+        self.train_metrics: dict[str, dict[str, Any]] = {}  # this round's raw train metrics per site
         self._train: dict[str, Any] = {}
         self._eval: dict[str, Any] = {}
-        self.privacy: PrivacyMonitor | None = None  # set by the ServerApp when privacy.mode is not off
-        self.last_arrays: ArrayRecord | None = None
-        self.offset = 0  # rounds completed before a resume: Flower restarts its numbering at 1
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower train_metrics_aggr_fn: keep per-site loss/time, return the weighted mean."""
+        self.train_metrics = {site_name(r, i): dict(_metrics(r)) for i, r in enumerate(records)}
         self._train = {
-            _site_name(r, i): {"loss": float(_metrics(r)[P.TRAIN_LOSS]),
-                               "seconds": float(_metrics(r)[P.TRAIN_SECONDS]),
-                               "examples": int(_metrics(r)[P.NUM_EXAMPLES]),
-                               "skipped-images": int(_metrics(r).get(P.SKIPPED, 0))}
-            for i, r in enumerate(records)
+            site: {"loss": float(m[P.TRAIN_LOSS]), "seconds": float(m[P.TRAIN_SECONDS]),
+                   "examples": int(m[P.NUM_EXAMPLES]), "skipped-images": int(m.get(P.SKIPPED, 0))}
+            for site, m in self.train_metrics.items()
         }
-        if self.privacy is not None:  # per-site ε: reported by DP-SGD sites, or accounted here for central DP
-            self.privacy.trained({_site_name(r, i): dict(_metrics(r)) for i, r in enumerate(records)})
         merged = aggregate_metricrecords(records, weighting_key)
         return MetricRecord({k: v for k, v in merged.items() if not k.startswith("privacy-")})  # ε is per site
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower evaluate_metrics_aggr_fn: pooled confusion counts → global metrics."""
-        self._eval = pooled_report(records, self.num_classes)
+        self._eval = pool_replies(records, self.num_classes)
         kinds = {str(r.config_records.get(P.SITE, {}).get(P.DATA_KIND, "")) for r in records}
         if "synthetic" in kinds:  # a site on generated data: say so even if the server cannot see its data
             self.run.mark_synthetic()
         return _finite(self._eval["global"])
 
-    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower evaluate_fn (called after each round, and at round 0): write the round's line."""
-        self.last_arrays = arrays  # the released global model (after any central-DP noise)
-        server_round += self.offset
-        if server_round > self.offset:  # a completed round: checkpoint before anything can fail
-            self.run.save_checkpoint(server_round, arrays.to_torch_state_dict())
+    def end_round(self, server_round: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Write the round's line (pooled and per-site metrics, train results, extra); None when nothing was evaluated."""
         if not self._eval:
+            self._train, self.train_metrics = {}, {}
             return None
-        record = {"round": server_round, **self._eval, "train": self._train}
-        if self.privacy is not None:
-            record["privacy"] = self.privacy.end_round(server_round)
-            self.run.write_privacy(self.privacy.report())
+        record = {"round": server_round, **self._eval, "train": self._train, **(extra or {})}
         self.run.log_round(record)
         self.history.append(record)
-        self._train, self._eval = {}, {}
-        if self.privacy is not None:
-            self.privacy.check_next_round(server_round)  # central DP: stop before a round beyond the budget
-        return _finite(record["global"])
+        self._train, self._eval, self.train_metrics = {}, {}, {}
+        return record
 
 
 def _finite(metrics: dict[str, float]) -> MetricRecord:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from logging import ERROR, WARNING
+from logging import ERROR
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping, DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
-    FedProx, FedTrimmedAvg, Krum, Strategy,
-)
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, Krum, Strategy
 from flwr.supercore import log
 
 from common import protocol as P
 from common.config import FederationConfig, PrivacyConfig
-from common.privacy import DECLINED, CentralPlan
+from common.privacy.accounting import CentralPlan
 
 
 class KeyedAggregation:
@@ -32,13 +29,7 @@ class KeyedAggregation:
 
     reference: ArrayRecord | None = None
     transfer_dtype: str = "float32"
-    # called with (round, {site: (metrics, reason)}, sites still training) when sites decline (privacy budget spent)
-    on_declined: Callable[[int, Mapping[str, tuple[MetricRecord, str]], int], None] | None = None
-
     max_update_norm: float = 0.0
-    # rounds completed before a resume: Flower numbers the resumed rounds from 1 again, but FedAdam's
-    # bias correction (and every message here) needs the run's true round
-    round_offset: int = 0
 
     def __init__(
         self, *args: object, transfer_dtype: str = "float32", max_update_norm: float = 0.0, **kwargs: object
@@ -77,9 +68,8 @@ class KeyedAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate keys/shapes of every reply, aggregate with the base strategy, cast back."""
-        server_round += self.round_offset
-        replies = self._without_declined(server_round, list(replies))
+        """Validate keys/shapes of every reply, aggregate with the base strategy, cast back (declined sites already left out)."""
+        replies = list(replies)
         if not replies:  # every sampled site declined: the model stays as it is
             return None, None
         valid = sorted(  # a fixed order makes the floating-point sum independent of reply arrival
@@ -100,21 +90,6 @@ class KeyedAggregation:
             arrays = self._like_reference(arrays)
             self.reference = arrays
         return arrays, metrics
-
-    def _without_declined(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Leave out sites that declined to train (their privacy budget is spent), logged and reported."""
-        declined: dict[str, tuple[MetricRecord, str]] = {}
-        kept = []
-        for msg in replies:
-            reason = "" if msg.has_error() else msg.content.config_records.get(P.SITE, {}).get(DECLINED, "")
-            if not reason:
-                kept.append(msg)
-                continue
-            declined[_site_key(msg)] = (msg.content.metric_records.get(P.METRICS, MetricRecord()), str(reason))
-            log(WARNING, "Site %s declined to train: %s", _site_key(msg), reason)
-        if declined and self.on_declined is not None:
-            self.on_declined(server_round, declined, sum(not msg.has_error() for msg in kept))
-        return kept
 
     def _like_reference(self, arrays: ArrayRecord) -> ArrayRecord:
         assert self.reference is not None
@@ -254,20 +229,17 @@ def build_strategy(
 
 
 def wrap_central_dp(strategy: Strategy, plan: CentralPlan, privacy: PrivacyConfig) -> Strategy:
-    """Flower's central-DP wrapper named by privacy.mode around the strategy (fixed: McMahan et al. 2018; adaptive: Andrew et al. 2021).
+    """Flower's central-DP wrapper named by the privacy-mode table around the strategy (fixed: McMahan et al. 2018; adaptive: Andrew et al. 2021).
 
     Adaptive clipping spends part of the privacy on the noisy clipped-count: its std is Andrew et al.'s
     sites/20, raised to 1.58·σ when that is too small (a few hospitals), i.e. about 10 % of the budget.
     """
+    spec = privacy.spec
+    if not spec.central:
+        raise ValueError(f"privacy.mode '{spec.name}' is not a central-DP mode")
+    wrapper = getattr(flwr_strategies, spec.server_wrapper)
     z, norm, sampled = plan.noise_multiplier, plan.clipping_norm, plan.num_sampled
-    if plan.mode == "central-fixed-server":
-        return DifferentialPrivacyServerSideFixedClipping(strategy, z, norm, sampled)
-    if plan.mode == "central-fixed-client":
-        return DifferentialPrivacyClientSideFixedClipping(strategy, z, norm, sampled)
-    adaptive = {"initial_clipping_norm": norm, "target_clipped_quantile": privacy.target_clipped_quantile,
-                "clip_norm_lr": privacy.clip_norm_lr, "clipped_count_stddev": max(sampled / 20, 1.58 * z)}
-    if plan.mode == "central-adaptive-server":
-        return DifferentialPrivacyServerSideAdaptiveClipping(strategy, z, sampled, **adaptive)
-    if plan.mode == "central-adaptive-client":
-        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, z, sampled, **adaptive)
-    raise ValueError(f"privacy.mode '{plan.mode}' is not a central-DP mode")
+    if not spec.adaptive:
+        return wrapper(strategy, z, norm, sampled)
+    return wrapper(strategy, z, sampled, initial_clipping_norm=norm, target_clipped_quantile=privacy.target_clipped_quantile,
+                   clip_norm_lr=privacy.clip_norm_lr, clipped_count_stddev=max(sampled / 20, 1.58 * z))

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.datasets import get_dataset
+from common.datasets.fixtures import write_camelyon17
+from common.datasets.registry import load_site
+from common.datasets.synthetic import generate
 from common.model import build_model
 from common.training import OPTIMIZERS, make_loader, prepare, to_input
 from simulations.figures import emit
@@ -25,7 +27,7 @@ from simulations.scenarios import DEFAULT_SCENARIO, get_scenario
 
 def loader_rate(cfg: RunConfig, workers: int, batch_size: int) -> float:
     """Images per second a DataLoader with `workers` processes delivers (one full pass, warm cache)."""
-    split = get_dataset("camelyon17").load_split(cfg, 0, "train")
+    split = load_site(cfg, 0, "train")
     loader = make_loader(split, batch_size, seed=0, num_workers=workers)
     start, seen = time.perf_counter(), 0
     for images, _, _ in loader:
@@ -54,8 +56,6 @@ def synthetic_site_seconds(cfg: RunConfig, cache_dir: Path) -> dict[str, float]:
 
     A deployed ClientApp is a fresh process per message, so without the disk cache it renders every time.
     """
-    from common.datasets.synthetic import generate
-
     def one_site() -> float:
         start = time.perf_counter()
         for split, n in (("train", cfg.data.train_per_site), ("test", cfg.data.test_per_site)):
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = get_dataset("camelyon17").write_fixture(
+        root = write_camelyon17(
             Path(tmp), patients_per_center=2, nodes_per_patient=1, patches_per_node=max(1, args.patches // 2)
         )
         cfg = RunConfig().override({

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tomli_w
 
-from common.flwr_process import free_port, read_history
+from common.ports import free_port
+from common.rundir import RunDirectory
 from simulations.scenarios import get_scenario
 from simulations.figures import emit
 
@@ -26,8 +27,8 @@ BIN = Path(sys.executable).parent
 
 
 def per_round(run_dir: Path) -> float:
-    """Mean wall seconds between consecutive rounds in metrics.jsonl (round 0 excluded)."""
-    stamps = [line["elapsed-s"] for line in read_history(run_dir)]
+    """Mean wall seconds between consecutive rounds in the run's metrics log (round 0 excluded)."""
+    stamps = [line["elapsed-s"] for line in RunDirectory(run_dir).history()]
     return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 
 

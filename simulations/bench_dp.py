@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
-from common.model import build_model
-from common.privacy import build_model_for
+from common.model import build_model, build_model_for
+from common.rundir import RunDirectory
 from common.privacy.trainer import dp_input
 from common.training import OPTIMIZERS, augment, prepare, to_input
 
@@ -134,12 +134,12 @@ def _federated(size: Size, extra: dict[str, Any], run_dir: Path) -> dict[str, An
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"flower-sim failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-400:]}")
-    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = RunDirectory(run_dir)
+    lines = run.history()
     out: dict[str, Any] = {"accuracy": lines[-1]["global"]["accuracy"], "f1": lines[-1]["global"]["f1"],
                            "wall-s": round(time.perf_counter() - start, 1), "rounds": lines[-1]["round"]}
-    privacy = run_dir / "privacy.json"
-    if privacy.is_file():
-        report = json.loads(privacy.read_text())
+    report = run.read_privacy()
+    if report:
         out["epsilon"] = {site: round(v["epsilon"], 3) for site, v in report["sites"].items()}
         out["noise-multiplier"] = {site: round(v["noise-multiplier"], 4) for site, v in report["sites"].items()}
     return out

@@ -28,12 +28,13 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch.utils.data import ConcatDataset
 
 from common.config import RunConfig
-from common.datasets import data_kind, get_dataset, synthetic
+from common.datasets import synthetic
+from common.datasets.registry import data_kind, get_dataset, load_site
 from common.metrics import pooled_report
 from common.model import build_model
 from common.training import evaluate, prepare, select_device, train_local
-from common.flwr_process import processes_naming
-from simulations.runner import read_history, read_status
+from common.rundir import RunDirectory
+from server.launch import processes_naming
 from simulations.scenarios import DEFAULT_SCENARIO, get_scenario
 
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
@@ -120,21 +121,22 @@ def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, tim
                                 start_new_session=True)
         while proc.poll() is None:
             elapsed = time.perf_counter() - start
-            hung = elapsed > start_timeout_s and not read_status(run_dir)
+            hung = elapsed > start_timeout_s and not RunDirectory(run_dir).read_status()
             if hung or elapsed > timeout_s:
                 os.killpg(proc.pid, signal.SIGTERM)  # flower-sim stops its Flower processes on SIGTERM
                 proc.wait(timeout=60)
                 if hung:
                     return None
                 break
-            peak_total = max(peak_total, _rss_sample(str(run_dir / ".flwr"), peaks, uss, cpu))
+            peak_total = max(peak_total, _rss_sample(str(RunDirectory(run_dir).flwr_home), peaks, uss, cpu))
             time.sleep(0.5)
         wall = time.perf_counter() - start
-    status, history = read_status(run_dir), read_history(run_dir)
+    run = RunDirectory(run_dir)
+    status, history = run.read_status(), run.history()
     if proc.returncode != 0 or status.get("status") != "completed":
         raise RuntimeError(f"flower-sim run failed (exit {proc.returncode}): {status.get('error', 'no status')}; "
                            f"see {run_dir.parent / (run_dir.name + '.stdout')}")
-    config = json.loads((run_dir / "config.json").read_text())["config"]
+    config, _ = run.read_config()
     workers = [rss for name, rss in peaks.values() if _is_client_worker(name)]
     train_s = [max((site["seconds"] for site in rec["train"].values()), default=0.0) for rec in history
                if rec.get("train")]  # per round, the slowest site: the training span of the round
@@ -164,8 +166,8 @@ def pooled(cfg: RunConfig, *, threads: int) -> dict[str, Any]:
         start, cpu_start = time.perf_counter(), time.process_time()
         entry, device = get_dataset(cfg.data.dataset), select_device(cfg.train.device)
         sites, names = range(cfg.federation.num_sites), entry.site_names(cfg)
-        train = ConcatDataset([entry.load_split(cfg, i, "train") for i in sites])
-        tests = {names[i]: entry.load_split(cfg, i, "test") for i in sites}
+        train = ConcatDataset([load_site(cfg, i, "train") for i in sites])
+        tests = {names[i]: load_site(cfg, i, "test") for i in sites}
         torch.manual_seed(cfg.train.seed)
         model = prepare(build_model(cfg.model), device, channels_last=cfg.train.channels_last)
 

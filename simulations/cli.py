@@ -11,13 +11,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.config import ConfigError
-from common.datasets import get_dataset
-from common.datasets.report import DatasetLayoutError
+from common.datasets.fixtures import FIXTURES
+from common.errors import ConfigError, DatasetLayoutError
+from common.rundir import RunDirectory
+from server.launch import FlowerRunError
 from simulations import display
-from simulations.planning import RunOptions, make_plan
-from simulations.runner import SimulationError, SimulationPlan, read_history, run_simulation
 from simulations.paper import paper_table
+from simulations.planning import RunOptions, make_plan
+from simulations.runner import SimulationPlan, run_simulation
 from simulations.scenarios import DEFAULT_SCENARIO, SCENARIOS, get_scenario
 
 app = typer.Typer(
@@ -47,14 +48,14 @@ def run(
     gpus_per_site: Annotated[Optional[float], typer.Option(help="GPU share per site (default: 1/sites if CUDA)")] = None,
     timeout: Annotated[float, typer.Option(help="wall-clock limit in seconds")] = 3600.0,
     resume: Annotated[bool, typer.Option(help="continue --run-dir from its last checkpoint (--rounds may raise the total)")] = False,
-    report: Annotated[bool, typer.Option(help="write report.html at the end (`flower-sim report RUN_DIR` writes it later)")] = True,
+    report: Annotated[bool, typer.Option(help="write the HTML report at the end (`flower-sim report RUN_DIR` writes it later)")] = True,
 ) -> None:
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
     sets = (*(set_ or ()), *(("output.resume=true",) if resume else ()))
     options = RunOptions(scenario, rounds, sites, sets, data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
     try:
         plan = make_plan(options)
-    except (ConfigError, SimulationError, DatasetLayoutError, FileNotFoundError) as err:
+    except (ConfigError, FlowerRunError, DatasetLayoutError, FileNotFoundError) as err:
         _fail(str(err))
     sys.exit(_execute(plan, scenario, report=report))
 
@@ -87,7 +88,7 @@ def compare(
         summary = run_compare(options, log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
     except (ConfigError, DatasetLayoutError, FileNotFoundError) as err:
         _fail(str(err))
-    except SimulationError as err:
+    except FlowerRunError as err:
         _fail(str(err), 1)
     console.print(display.compare_table(summary))
     if get_scenario(scenario).paper:
@@ -99,11 +100,11 @@ def compare(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `flower-sim run`")]) -> None:
-    """(Re)generate a run directory's report: PNG plots and one self-contained report.html."""
-    from simulations.report import build_report
+    """(Re)generate a run directory's report: PNG plots and one self-contained HTML page."""
+    from simulations.run_report import build_report  # matplotlib is imported only for a report
 
-    if not (run_dir / "config.json").is_file():
-        _fail(f"{run_dir} is not a histofed run directory (no config.json)")
+    if not RunDirectory(run_dir).is_run():
+        _fail(f"{run_dir} is not a histofed run directory (no {RunDirectory.CONFIG})")
     try:
         console.print(f"report: {build_report(run_dir)}", highlight=False)
     except (ValueError, OSError) as err:
@@ -124,13 +125,9 @@ def fixture(
     seed: Annotated[int, typer.Option(help="generator seed")] = 0,
 ) -> None:
     """Write a small SYNTHETIC tree in a real dataset's on-disk layout, to try the readers without the data."""
-    try:
-        writer = get_dataset(dataset).write_fixture
-    except KeyError as err:
-        _fail(str(err.args[0]))
-    if writer is None:
-        _fail(f"dataset '{dataset}' has no on-disk layout to write")
-    path = writer(out.expanduser().resolve(), seed=seed)
+    if dataset not in FIXTURES:
+        _fail(f"no on-disk layout to write for '{dataset}' (choose from {', '.join(FIXTURES)})")
+    path = FIXTURES[dataset](out.expanduser().resolve(), seed=seed)
     console.print(f"wrote a synthetic {dataset} tree (real layout, synthetic images) to {path}", highlight=False)
 
 
@@ -151,7 +148,7 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
         seen = {"n": 0}
 
         def poll() -> None:
-            history = read_history(plan.run_dir)
+            history = plan.run.history()
             for record in history[seen["n"]:]:
                 progress.console.print(display.round_line(record, rounds), highlight=False)
                 progress.update(task, completed=record["round"], description="training")
@@ -159,12 +156,12 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
 
         try:
             status = run_simulation(plan, on_poll=poll)
-        except SimulationError as err:
+        except FlowerRunError as err:
             status = {"status": "failed", "error": str(err)}
         except KeyboardInterrupt:
             err_console.print("interrupted: Flower processes stopped")
             return 130
-    history = read_history(plan.run_dir)
+    history = plan.run.history()
     display.print_table(console, history)
     if status.get("status") != "completed":
         _report_failure(status, plan.run_dir)
@@ -179,7 +176,7 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
 
 
 def _write_report(run_dir: Path) -> None:
-    from simulations.report import build_report
+    from simulations.run_report import build_report  # matplotlib is imported only for a report
 
     try:
         console.print(f"report: {build_report(run_dir)}", highlight=False)
@@ -188,7 +185,9 @@ def _write_report(run_dir: Path) -> None:
 
 
 def _report_failure(status: dict, run_dir: Path) -> None:
-    err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')} (log: {run_dir / 'flower.log'})", highlight=False, soft_wrap=True)
+    log = RunDirectory(run_dir).file(RunDirectory.FLOWER_LOG)
+    err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')} (log: {log})",
+                      highlight=False, soft_wrap=True)
 
 
 def main() -> None:

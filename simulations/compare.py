@@ -1,7 +1,7 @@
 """`flower-sim compare`: pooled vs local-only vs federated over seeds, on the training sites and a held-out hospital.
 
 Federated runs go through Flower (the same `flwr run` path as `flower-sim run`); pooled and local
-runs use common.centralized, i.e. the clients' own training loop, with the same model, data and
+runs use common.nonfederated, i.e. the clients' own training loop, with the same model, data and
 budget (federation.rounds x train.local-epochs passes over each site's data). Every model is then
 evaluated by the same code on the same test splits, so the three columns are comparable.
 """
@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.centralized import evaluate_on_sites, train_on_sites
 from common.config import RunConfig
-from common.datasets import data_kind, get_dataset
+from common.datasets.registry import data_kind, get_dataset
+from common.jsonsafe import json_safe
 from common.metrics import METRIC_NAMES
 from common.model import build_model
-from common.weights import load_weights, read_state_dict
+from common.nonfederated import evaluate_on_sites, train_on_sites
+from common.rundir import RunDirectory
+from common.weights import load_weights
+from server.launch import FlowerRunError
 from simulations.planning import RunOptions, make_plan, resolve_config
-from simulations.runner import SimulationError, run_simulation
+from simulations.runner import run_simulation
 
 MODES = ("pooled", "local", "federated")
 
@@ -76,9 +79,9 @@ def _federated(cfg: RunConfig, run_dir: Path, run_opts: RunOptions) -> dict[str,
     plan = make_plan(replace(run_opts, run_dir=run_dir), cfg)
     status = run_simulation(plan)
     if status.get("status") != "completed":
-        raise SimulationError(f"federated run in {run_dir} failed: {status.get('error', 'unknown error')}")
+        raise FlowerRunError(f"federated run in {run_dir} failed: {status.get('error', 'unknown error')}")
     model = build_model(cfg.model, load_pretrained=False)
-    load_weights(model, read_state_dict(run_dir / "model.safetensors"))
+    load_weights(model, RunDirectory(run_dir).load_model())
     return _evaluate(model, cfg)
 
 
@@ -111,7 +114,7 @@ def run_compare(opts: CompareOptions, log: Callable[[str], None] = print) -> dic
                     runners[mode](cfg, out_dir / f"{model}-{mode}-seed{seed}")
                 )
     summary = summarise(raw, base, opts)
-    (out_dir / "compare.json").write_text(json.dumps(_jsonable({"summary": summary, "runs": raw}), indent=1))
+    (out_dir / "compare.json").write_text(json.dumps(json_safe({"summary": summary, "runs": raw}), indent=1))
     write_csv(summary, out_dir / "compare.csv")
     summary["out-dir"] = str(out_dir)
     return summary
@@ -149,13 +152,3 @@ def write_csv(summary: dict[str, Any], path: Path) -> None:
         for row in summary["rows"]:
             writer.writerow([summary["data-kind"], row["model"], row["mode"], row["scope"], row["seeds"]]
                             + [row[m][s] for m in METRIC_NAMES for s in ("mean", "sd")])
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, parse_assignments
-from common.datasets import get_dataset
-from simulations.runner import SimulationPlan, find_app_dir
+from common.config import RunConfig, parse_assignments
+from common.datasets.registry import get_dataset
+from common.errors import ConfigError
+from common.privacy.preflight import preflight
+from common.rundir import RunDirectory
+from server.launch import find_app_dir
+from simulations.runner import SimulationPlan
 from simulations.scenarios import get_scenario
 
 
@@ -56,10 +59,6 @@ def resolve_config(opt: RunOptions) -> RunConfig:
 
 def _privacy_preflight(cfg: RunConfig, synthetic: bool) -> None:
     """Bad differential-privacy settings are refused here, before Flower starts (exit 2, one line)."""
-    if cfg.privacy.mode == "off":
-        return
-    from common.privacy import preflight
-
     try:
         preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)
     except ConfigError:
@@ -77,13 +76,14 @@ def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
     partition = get_dataset(cfg.data.dataset).partition(cfg)  # also validates the data root before anything starts
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
-    if cfg.output.resume and not (path / "checkpoint.json").is_file():
-        raise ConfigError(f"nothing to resume: {path / 'checkpoint.json'} does not exist")
+    run = RunDirectory(path)
+    if cfg.output.resume and not run.has_checkpoint():
+        raise ConfigError(f"nothing to resume: {run.file(RunDirectory.CHECKPOINT)} does not exist")
     if not cfg.output.resume and path.exists() and any(path.iterdir()):
         raise ConfigError(f"run directory {path} exists and is not empty (use --resume to continue it)")
     path.mkdir(parents=True, exist_ok=True)
     if not cfg.output.resume:  # a resumed run keeps the partition it started with
-        (path / "partition.json").write_text(json.dumps(partition, indent=1))
+        run.write_partition(partition)
     cfg = cfg.override({"output.run-dir": str(path)})
     return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
                           _gpu_share(opt.gpus_per_site, cfg), opt.timeout)

@@ -8,16 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.flwr_process import (  # noqa: F401 - re-exported for the CLI and compare
-    FlowerRunError as SimulationError,
-    find_app_dir,
-    flwr_executable,
-    read_history,
-    read_status,
-    submit_and_wait,
-    write_connection,
-    write_run_config,
-)
+from common.rundir import RunDirectory
+from server.launch import flwr_executable, submit_and_wait, write_connection, write_run_config
 
 CONNECTION = "histofed-sim"
 
@@ -34,12 +26,17 @@ class SimulationPlan:
     gpus_per_site: float = 0.0
     timeout_s: float = 3600.0
 
+    @property
+    def run(self) -> RunDirectory:
+        """The run directory the ServerApp writes."""
+        return RunDirectory(self.run_dir)
+
 
 def run_simulation(plan: SimulationPlan, on_poll: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Submit the run to a local simulation SuperLink, wait, stop every Flower process started; return the status."""
-    flwr_home = plan.run_dir / ".flwr"
-    write_connection(flwr_home, CONNECTION, {"address": ":local:"})
-    config_path = write_run_config(plan.cfg, plan.run_dir / "run-config.toml")
+    run = plan.run
+    write_connection(run.flwr_home, CONNECTION, {"address": ":local:"})
+    config_path = write_run_config(plan.cfg, run)
     cmd = [
         flwr_executable(), "run", str(plan.app_dir), CONNECTION, "--stream", "--run-config", str(config_path),
         "--federation-config",
@@ -47,4 +44,4 @@ def run_simulation(plan: SimulationPlan, on_poll: Callable[[], None] = lambda: N
         f"client-resources-num-cpus={plan.cpus_per_site} init-args-num-cpus={plan.ray_cpus} "
         f"client-resources-num-gpus={plan.gpus_per_site:g}",
     ]
-    return submit_and_wait(cmd, plan.run_dir, flwr_home, timeout_s=plan.timeout_s, on_poll=on_poll)
+    return submit_and_wait(cmd, run, timeout_s=plan.timeout_s, on_poll=on_poll)

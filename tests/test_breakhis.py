@@ -14,12 +14,13 @@ from PIL import Image
 from common.config import RunConfig
 from common.datasets import breakhis
 from common.datasets.breakhis import (
-    SUBTYPE_CODES, SUBTYPE_DIRS, check, load_split, parse_name, partition, scan, site_names, split_patients,
-    write_fixture,
+    SUBTYPE_CODES, SUBTYPE_DIRS, check, load_split, parse_name, partition, scan, site_names,
 )
-from common.datasets.breakhis_partition import patient_classes
+from common.datasets.fixtures import write_breakhis as write_fixture
+from common.datasets.patients import patient_classes, split_patients
+from common.datasets.registry import load_site
 from common.datasets.images import BadImageError
-from common.datasets.report import DatasetLayoutError
+from common.errors import DatasetLayoutError
 from common.datasets.synthetic import SUBTYPES
 
 PPS, IPM, SIZE = 2, 2, (70, 46)  # patients per subtype, images per magnification, (w, h)
@@ -270,9 +271,9 @@ def test_magnification_filter(tree: Path, tmp_path: Path) -> None:
 def test_max_per_site_and_stain_transform(tree: Path, tmp_path: Path) -> None:
     # Prepare
     cfg = _cfg(tree, tmp_path, data__max_per_site=3, data__magnifications="40X,100X,200X,400X",
-               data__stain_augment=0.05)
+               data__stain_augment=0.05, data__dataset="breakhis")
     # Execute
-    a, b, test = load_split(cfg, 0, "train"), load_split(cfg, 0, "train"), load_split(cfg, 0, "test")
+    a, b, test = load_site(cfg, 0, "train"), load_site(cfg, 0, "train"), load_site(cfg, 0, "test")
     # Assert
     assert len(a) == 3 and a.paths == b.paths and set(a.labels.tolist()) == {0, 1}
     assert a.transform is not None and test.transform is None

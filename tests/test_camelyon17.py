@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.config import ConfigError, RunConfig
+from common.config import RunConfig
+
+from common.errors import ConfigError
 from common.datasets import camelyon17 as cam
+from common.datasets.fixtures import write_camelyon17
+from common.datasets.patients import ratio_split_sizes, split_by_ratio
 from common.datasets.images import BadImageError
-from common.datasets.report import DatasetLayoutError
+from common.errors import DatasetLayoutError
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cam.write_fixture(tmp_path_factory.mktemp("cam"), patients_per_center=4)
+    return write_camelyon17(tmp_path_factory.mktemp("cam"), patients_per_center=4)
 
 
 def _cfg(root: Path, cache: Path, **extra: object) -> RunConfig:
@@ -123,7 +127,7 @@ def test_patients_are_stratified_by_tumor_ratio() -> None:
     # Prepare: 10 patients with tumor ratios 0.0, 0.1, ... 0.9 (10 patches each)
     records = [{"patient": f"{p:03d}", "tumor": int(i < p)} for p in range(10) for i in range(10)]
     # Execute
-    split = cam.split_patients(records, seed=0, center=0, val_fraction=0.2, test_fraction=0.2)
+    split = split_by_ratio(records, seed=(0, 0), val_fraction=0.2, test_fraction=0.2)
     # Assert
     assert [len(split[s]) for s in ("train", "val", "test")] == [6, 2, 2]
     for s in ("val", "test"):
@@ -132,7 +136,7 @@ def test_patients_are_stratified_by_tumor_ratio() -> None:
 
 @pytest.mark.parametrize("n, expected", [(1, (0, 0)), (2, (1, 0)), (3, (1, 1)), (10, (2, 2))])
 def test_small_centers_keep_a_training_patient(n: int, expected: tuple[int, int]) -> None:
-    assert cam._split_sizes(n, val_fraction=0.15, test_fraction=0.2) == expected
+    assert ratio_split_sizes(n, val_fraction=0.15, test_fraction=0.2) == expected
 
 
 def test_max_per_site_subsamples_deterministically_and_keeps_both_classes(root: Path, tmp_path: Path) -> None:
@@ -208,7 +212,7 @@ def test_out_of_range_center_and_tumor(root: Path, tmp_path: Path, field: int, v
 
 def test_corrupt_patch_is_skipped_and_counted_or_raises_when_strict(tmp_path: Path) -> None:
     # Prepare
-    data = cam.write_fixture(tmp_path / "own", patients_per_center=2, patches_per_node=4, size=48)
+    data = write_camelyon17(tmp_path / "own", patients_per_center=2, patches_per_node=4, size=48)
     cfg = _cfg(data, tmp_path)
     train = cam.load_split(cfg, 0, "train")
     broken = data / train.paths[0]
@@ -228,7 +232,7 @@ def test_site_with_zero_images_is_named(root: Path, tmp_path: Path) -> None:
     # Prepare: drop every center-2 row; 2-patient centers have no val patients
     edit = lambda lines: [line for line in lines if not line.endswith((",2,0", ",2,1"))]  # noqa: E731
     data = _metadata_copy(root, tmp_path / "data", edit)
-    small = cam.write_fixture(tmp_path / "small", patients_per_center=2, patches_per_node=2, size=32)
+    small = write_camelyon17(tmp_path / "small", patients_per_center=2, patches_per_node=2, size=32)
     # Execute / Assert
     with pytest.raises(DatasetLayoutError, match="site center-2 has no 'test' patches"):
         cam.load_split(_cfg(data, tmp_path), 2, "test")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
-FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
+from simulations.cli import app
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([FLOWER_SIM, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def _run(*args: str) -> Result:
+    """`flower-sim ARGS` in this process (nothing here starts Flower: bad input stops before it)."""
+    return CliRunner().invoke(app, list(args))
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,8 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:
-    result = _run(*args, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 2, result.stdout + result.stderr
+    result = _run(*args, "--run-dir", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.stdout + result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -38,13 +39,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragm
 
 
 def test_scenarios_are_listed(tmp_path: Path) -> None:
-    result = _run("scenarios", cwd=tmp_path)
-    assert result.returncode == 0 and "synthetic-3sites (default)" in result.stdout
+    result = _run("scenarios")
+    assert result.exit_code == 0 and "synthetic-3sites (default)" in result.stdout
 
 
 def test_bad_privacy_settings_are_refused_before_flower_starts(tmp_path: Path) -> None:
     result = _run("run", "synthetic-tiny", "--set", "privacy.mode=local", "--set", "privacy.delta=0.5",
-                  "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+                  "--run-dir", str(tmp_path / "run"))
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run" / "flower.log").exists()

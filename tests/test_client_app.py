@@ -68,7 +68,7 @@ def test_node_count_must_match_configured_sites(tiny_cfg) -> None:
 
 def test_a_node_with_its_own_data_root_is_one_whole_hospital(tiny_cfg, tmp_path) -> None:
     from client.site import node_view
-    from common.datasets import get_dataset
+    from common.datasets.registry import get_dataset
 
     root = get_dataset("breakhis").write_fixture(tmp_path / "hospital-a", size=(70, 46))
     run_cfg = tiny_cfg.override({"data.dataset": "breakhis", "federation.num-sites": 2})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.baselines import Baseline
+from common.paper_baselines import Baseline
 from common.config import ModelConfig
 from common.metrics import METRIC_NAMES
 from common.model import build_model

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, parse_assignments
+from common.config import RunConfig, parse_assignments
+
+from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import tomli_w
 
-from common.datasets import get_dataset
+from common.datasets.registry import get_dataset
 from server.keys import make_kit
 
 BIN = Path(sys.executable).parent

@@ -84,7 +84,7 @@ def test_failed_run_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
     [("breakhis-4sites", "breakhis", []), ("camelyon17-5centers", "camelyon17", [])],
 )
 def test_real_layout_scenarios_complete_one_round(tmp_path: Path, scenario: str, dataset: str, extra: list[str]) -> None:
-    from common.datasets import get_dataset
+    from common.datasets.registry import get_dataset
 
     small = {"size": (70, 46)} if dataset == "breakhis" else {}  # the layout is what counts; decoding 700x460 is slow
     root = get_dataset(dataset).write_fixture(tmp_path / "data", seed=0, **small)
@@ -112,7 +112,7 @@ def test_real_layout_scenarios_complete_one_round(tmp_path: Path, scenario: str,
 
 
 def test_reproduce_paper_prints_the_papers_figures_beside_the_measured(tmp_path: Path) -> None:
-    from common.datasets import get_dataset
+    from common.datasets.registry import get_dataset
 
     root = get_dataset("breakhis").write_fixture(tmp_path / "data", size=(70, 46))
     tiny = ["model.backbone=test_efficientnet", "model.image-size=32", "model.token-dim=8", "model.hidden-size=8",

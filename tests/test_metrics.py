@@ -9,8 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from common import protocol as P
-from common.metrics import DEFAULT_BINS, compute_metrics, confusion_matrix, quantize, score_histograms
-from common.training import EvalResult
+from common.metrics import DEFAULT_BINS, EvalResult, compute_metrics, confusion_matrix, quantize, score_histograms
 
 
 def _probs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -91,7 +90,7 @@ def test_empty_counts_do_not_crash() -> None:
 def test_pooled_counts_differ_from_averaged_ratios_and_server_uses_pooled() -> None:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from server.rounds import pooled_report
+    from server.rounds import pool_replies
 
     # Site A: 10 images, precision 1/2; site B: 1000 images, precision 900/1000.
     cm_a = np.array([[4, 1], [4, 1]])
@@ -105,7 +104,7 @@ def test_pooled_counts_differ_from_averaged_ratios_and_server_uses_pooled() -> N
         result = EvalResult(loss=0.5, num_examples=n, confusion=cm, histograms=score_histograms(y, p))
         records.append(RecordDict({P.METRICS: MetricRecord(P.encode_eval(result)),
                                    P.SITE: ConfigRecord({P.SITE_NAME: name})}))
-    report = pooled_report(records, num_classes=2)
+    report = pool_replies(records, num_classes=2)
     averaged = (compute_metrics(cm_a)["precision"] + compute_metrics(cm_b)["precision"]) / 2
     pooled = compute_metrics(cm_a + cm_b)["precision"]
     assert averaged == pytest.approx(0.7) and pooled == pytest.approx(901 / 1002)

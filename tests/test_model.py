@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import ConfigError, ModelConfig, RunConfig
+from common.config import ModelConfig, RunConfig
+
+from common.errors import ConfigError
 from common.model import build_model
 from common.weights import WeightMismatchError, load_weights, save_state_dict
 

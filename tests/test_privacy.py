@@ -11,12 +11,18 @@ from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader
 
-from common.config import ConfigError, RunConfig
-from common.datasets import get_dataset
+from common.config import RunConfig
+
+from common.errors import ConfigError
+from common.datasets.registry import get_dataset
 from common.datasets.splits import ArraySplit
-from common.privacy import LedgerError, build_model_for, epsilon, plan_local, preflight, train_private
-from common.privacy.dp_model import make_dp_compatible
+from common.model import build_model_for
 from common.privacy import trainer as trainer_module
+from common.privacy.accounting import epsilon, plan_local
+from common.privacy.dp_model import make_dp_compatible
+from common.privacy.ledger import LedgerError
+from common.privacy.preflight import preflight
+from common.privacy.trainer import train_private
 
 CPU = torch.device("cpu")
 

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from common import protocol as P
 from common.config import RunConfig
-from common.privacy import DECLINED, PrivacyBudgetStop, PrivacyMonitor, build_model_for, plan_central
-from common.privacy.report import EPSILON
+from common.model import build_model_for
+from common.privacy.accounting import plan_central
+from common.privacy.monitor import DECLINED, EPSILON, PrivacyBudgetStop, PrivacyMonitor
 from common.weights import load_weights
+from server.federation import without_declined
 from server.strategy import build_strategy, wrap_central_dp
 
 pytestmark = [pytest.mark.usefixtures("task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -102,16 +104,15 @@ def test_a_declining_site_is_dropped_or_stops_the_run_per_config(tiny_cfg, polic
     recorded: dict = {}
     strategy = _strategy(cfg, initial, recorded)
     monitor = PrivacyMonitor(cfg)
-    strategy.on_declined = monitor.declined
     replies = [_reply(1, initial, 10), _reply(2, initial, 10), _reply(3, initial, 0, "site site-3 declines round 4: "
                                                                               "privacy budget exhausted", eps=7.9)]
     # Execute / Assert
     if policy == "stop":
         with pytest.raises(PrivacyBudgetStop, match="site-3 declines round 4.*on-budget-exhausted=stop"):
-            strategy.aggregate_train(4, replies)
+            strategy.aggregate_train(4, without_declined(4, replies, monitor))
         assert "site-3" in monitor.report()["stopped"]
         return
-    arrays, _ = strategy.aggregate_train(4, replies)
+    arrays, _ = strategy.aggregate_train(4, without_declined(4, replies, monitor))
     assert arrays is not None and recorded["sites"] == ["site-1", "site-2"]
     entries = monitor.end_round(4)
     assert entries["site-3"]["declined"].startswith("site site-3 declines") and entries["site-3"]["epsilon"] == 7.9
@@ -121,9 +122,10 @@ def test_the_run_stops_when_no_site_can_train_any_more(tiny_cfg) -> None:
     cfg = tiny_cfg.override({"privacy.mode": "local"})
     initial = ArrayRecord(build_model_for(cfg.model, cfg.privacy).state_dict())
     strategy = _strategy(cfg, initial, {})
-    strategy.on_declined = PrivacyMonitor(cfg).declined
+    monitor = PrivacyMonitor(cfg)
     with pytest.raises(PrivacyBudgetStop, match="no site can train within its privacy budget"):
-        strategy.aggregate_train(2, [_reply(1, initial, 0, "budget spent"), _reply(2, initial, 0, "budget spent")])
+        strategy.aggregate_train(2, without_declined(
+            2, [_reply(1, initial, 0, "budget spent"), _reply(2, initial, 0, "budget spent")], monitor))
 
 
 def test_a_site_over_budget_declines_through_the_client_app(tiny_cfg, tmp_path) -> None:
@@ -184,8 +186,8 @@ def test_a_resumed_run_keeps_counting_central_epsilon_from_the_report(tiny_cfg) 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "krum", "trimmed-mean"])
 def test_central_dp_needs_a_mean_aggregator(tiny_cfg, strategy) -> None:
-    from common.config import ConfigError
-    from common.privacy import preflight
+    from common.errors import ConfigError
+    from common.privacy.preflight import preflight
 
     cfg = tiny_cfg.override({"privacy.mode": "central-fixed-server", "federation.strategy": strategy})
     with pytest.raises(ConfigError, match=f"'federation.strategy': central DP .* fedavg or fedprox .got '{strategy}'"):
@@ -248,10 +250,10 @@ def test_a_dp_simulation_completes_and_writes_the_privacy_report(tmp_path: Path)
 def test_fedbn_keeps_normalization_layers_at_the_site(tiny_cfg, tmp_path, mode) -> None:
     # Prepare
     from client.app import _setup
-    from common.privacy.local_norm import local_norm_path, norm_keys
+    from common.fedbn import local_norm_path, norm_keys
     from common.weights import read_state_dict
 
-    cfg = tiny_cfg.override({"privacy.local-norm": True, "privacy.mode": mode, "privacy.ledger-dir": str(tmp_path),
+    cfg = tiny_cfg.override({"federation.local-norm": True, "privacy.mode": mode, "privacy.ledger-dir": str(tmp_path),
                              "train.batch-size": 4})
     model = build_model_for(cfg.model, cfg.privacy)
     keys = norm_keys(model)

@@ -12,7 +12,7 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from common.privacy import build_model_for
+from common.model import build_model_for
 from common.privacy.grad_sampler import FastConv2d, FastConv2dSame, grouped_conv_grad_sample, use_fast_convs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")

@@ -11,12 +11,11 @@ from PIL import Image
 
 from common.attention import attention_maps, overlay
 from common.config import RunConfig
-from common.metrics import pooled_report, score_histograms
+from common.metrics import EvalResult, pooled_report, score_histograms
 from common.model import build_model
-from common.training import EvalResult
 from common.weights import save_state_dict
-from server.rundir import RunDirectory
-from simulations.report import build_report
+from common.rundir import RunDirectory
+from simulations.run_report import build_report
 
 
 class _Images(HTMLParser):
@@ -36,7 +35,7 @@ class _Images(HTMLParser):
 
 def _fake_run(tmp_path: Path, tiny_cfg: RunConfig) -> Path:
     cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / "run")})
-    run = RunDirectory.for_config(cfg, data_kind="synthetic")
+    run = RunDirectory.start(cfg, data_kind="synthetic")
     rng = np.random.default_rng(0)
     for rnd in range(3):
         per_site = {}
@@ -77,7 +76,7 @@ def test_attention_overlays_have_the_input_size(tiny_cfg: RunConfig) -> None:
 
 def test_report_of_an_empty_run_is_an_error(tmp_path: Path) -> None:
     cfg = RunConfig().override({"output.run-dir": str(tmp_path / "run")})
-    RunDirectory.for_config(cfg, data_kind="synthetic")
+    RunDirectory.start(cfg, data_kind="synthetic")
     try:
         build_report(tmp_path / "run")
     except ValueError as err:
@@ -90,14 +89,14 @@ def test_report_of_an_empty_run_is_an_error(tmp_path: Path) -> None:
 def test_checkpoint_round_trip_and_resume_keeps_history(tmp_path: Path, tiny_cfg: RunConfig) -> None:
     import torch
 
-    from server.rundir import RunDirectory as RD
+    from common.rundir import RunDirectory as RD
 
     cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / "run")})
-    run = RD.for_config(cfg, data_kind="synthetic")
+    run = RD.start(cfg, data_kind="synthetic")
     run.log_round({"round": 0, "global": {}, "sites": {}})
     state = build_model(cfg.model).state_dict()
     run.save_checkpoint(2, state)
-    resumed = RD.for_config(cfg.override({"output.resume": True}), data_kind="synthetic")
+    resumed = RD.start(cfg.override({"output.resume": True}), data_kind="synthetic")
     done, loaded = resumed.load_checkpoint()
     assert done == 2 and all(torch.equal(loaded[k], v) for k, v in state.items())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # history kept
@@ -106,9 +105,9 @@ def test_checkpoint_round_trip_and_resume_keeps_history(tmp_path: Path, tiny_cfg
 def test_strategy_state_keeps_zero_dimensional_arrays(tmp_path: Path, tiny_cfg: RunConfig) -> None:
     import numpy as np
 
-    from server.rundir import RunDirectory as RD
+    from common.rundir import RunDirectory as RD
 
-    run = RD.for_config(tiny_cfg.override({"output.run-dir": str(tmp_path / "run")}), data_kind="synthetic")
+    run = RD.start(tiny_cfg.override({"output.run-dir": str(tmp_path / "run")}), data_kind="synthetic")
     moments = {"m_t/bn.num_batches_tracked": np.array(3.0), "v_t/w": np.arange(6.0).reshape(2, 3)[:, ::2]}
     run.save_strategy_state(moments)
     loaded = run.load_strategy_state()

@@ -8,7 +8,7 @@ import torch
 
 from common.config import DataConfig
 from common.datasets.synthetic import generate
-from common.stain import HedJitter, MacenkoTransform, stain_transform
+from common.datasets.stain import HedJitter, MacenkoTransform, stain_transform
 
 
 def _patch(site: int) -> np.ndarray:

@@ -126,7 +126,7 @@ def test_robust_strategies_aggregate_and_keep_dtypes(name: str) -> None:
 def test_fedprox_term_pulls_local_weights_towards_the_global_model(tiny_cfg) -> None:
     import torch
 
-    from common.datasets import get_dataset
+    from common.datasets.registry import get_dataset
     from common.model import build_model
     from common.training import train_local
 

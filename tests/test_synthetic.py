@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.datasets import get_dataset
+from common.datasets.registry import get_dataset
 from common.datasets.synthetic import generate, hospital
 
 

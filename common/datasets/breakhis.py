@@ -16,7 +16,7 @@ filed under both ductal and lobular carcinoma: it stays ONE patient id, so it is
 and one split as a unit (it can never leak across sites or splits), while each image keeps the
 subtype of its own folder as its 8-class label. Binary labels agree (both malignant).
 
-Partition: see breakhis_partition (iid / label-skew / quantity-skew over patients, then a stratified
+Partition: see patients (iid / label-skew / quantity-skew over patients, then a stratified
 patient split per site, and what happens to sites too small for a split). The partition uses every
 patient whatever data.magnifications says, so runs at different magnifications see the same
 patients per site; load_split then keeps the selected magnifications and raises a
@@ -32,19 +32,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
-from common.datasets.breakhis_partition import SPLITS, deal, patient_classes, split_patients, subsample
 from common.datasets.index_cache import cached_index, default_cache_dir
-from common.datasets.report import DatasetLayoutError, SplitSummary, summarize
+from common.datasets.patients import SPLITS, deal, patient_classes, split_patients, subsample
 from common.datasets.splits import FileSplit
+from common.datasets.summary import SplitSummary, summarize
+from common.errors import DatasetLayoutError
 
 if TYPE_CHECKING:
     from common.config import RunConfig
 
 __all__ = [
     "SUBTYPE_CODES", "SUBTYPE_DIRS", "BreakHisName", "check", "load_split", "parse_name", "partition",
-    "scan", "site_names", "split_patients", "write_fixture",
+    "scan", "site_names",
 ]
 
 SUBTYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # = 8-class label index
@@ -63,7 +63,6 @@ _NAME = re.compile(
     r"(?P<procedure>[A-Z]+)_(?P<tumor_class>[A-Z])_(?P<subtype>[A-Z]+)-(?P<year>\d{2})-"
     r"(?P<slide>\d+[A-Z]*)-(?P<mag>\d+)-(?P<seq>\d+)\.(?i:png)"
 )
-_FIXTURE_SLIDES = {("A", 0): "22549AB", ("F", 0): "13418DE", ("DC", 0): "13412", ("LC", 0): "13412"}
 
 
 @dataclass(frozen=True)
@@ -249,18 +248,15 @@ def _select(
     return [chosen[i] for i in keep]
 
 
-def _file_split(cfg: RunConfig, chosen: list[dict[str, Any]], transform: Any = None) -> FileSplit:
+def _file_split(cfg: RunConfig, chosen: list[dict[str, Any]]) -> FileSplit:
     labels = [rec[LABEL_KEYS[cfg.model.num_classes]] for rec in chosen]
     return FileSplit(
-        Path(cfg.data.root), [rec["path"] for rec in chosen], labels, cfg.model.image_size,
-        strict=cfg.data.strict, transform=transform,
+        Path(cfg.data.root), [rec["path"] for rec in chosen], labels, cfg.model.image_size, strict=cfg.data.strict,
     )
 
 
 def load_split(cfg: RunConfig, site: int, split: str) -> FileSplit:
     """One site's train/val/test images (lazy FileSplit); labels binary or 8-class per model.num-classes."""
-    from common.stain import stain_transform
-
     records = _records(cfg)
     audit = _partition(records, cfg)
     chosen = _select(cfg, records, audit, site, split)
@@ -271,7 +267,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> FileSplit:
             f"site {name} has no '{split}' images at {cfg.data.magnifications} "
             f"({count} patients in that split; try fewer sites or other fractions)"
         )
-    return _file_split(cfg, chosen, stain_transform(cfg.data, train=split == "train"))
+    return _file_split(cfg, chosen)
 
 
 def check(cfg: RunConfig) -> list[SplitSummary]:
@@ -285,38 +281,3 @@ def check(cfg: RunConfig) -> list[SplitSummary]:
             patients = [rec["patient"] for rec in chosen]
             out.append(summarize(name, split, _file_split(cfg, chosen), patients, read=True))
     return out
-
-
-# ---- fixture --------------------------------------------------------------------------------
-
-
-def write_fixture(
-    root: Path, *, patients_per_subtype: int = 2, images_per_magnification: int = 3,
-    size: tuple[int, int] = (700, 460), seed: int = 0,
-) -> Path:
-    """Write a small layout-faithful BreaKHis_v1 tree of SYNTHETIC images under root; return its path."""
-    from common.datasets.synthetic import SUBTYPES, hospital, render
-
-    base = Path(root) / "BreaKHis_v1"
-    side = min(max(size), max(32, max(size) // 4))
-    for k, code in enumerate(SUBTYPE_CODES):
-        tumor_class = "M" if code in MALIGNANT else "B"
-        for p in range(patients_per_subtype):
-            slide = _FIXTURE_SLIDES.get((code, p), f"{k + 1}{p:04d}")
-            hosp = hospital(p % 3, 3, seed)
-            for mag in MAGNIFICATIONS:
-                for seq in range(1, images_per_magnification + 1):
-                    name = BreakHisName("SOB", tumor_class, code, "14", slide, mag, seq)
-                    tile = render(np.random.default_rng([seed, k, p, mag, seq]), side, SUBTYPES[k], hosp)
-                    _save_png(base.joinpath(*LAYOUT, *name.folders, name.filename), tile, size)
-    return base
-
-
-def _save_png(path: Path, tile: np.ndarray, size: tuple[int, int]) -> None:
-    """Upscale a square tile to cover size (w, h), centre-crop, save as 8-bit RGB PNG."""
-    width, height = size
-    side = max(size)
-    img = Image.fromarray(tile).resize((side, side), Image.BILINEAR)
-    left, top = (side - width) // 2, (side - height) // 2
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.crop((left, top, left + width, top + height)).save(path, format="PNG")

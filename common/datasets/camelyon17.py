@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from common.datasets.index_cache import cached_index, default_cache_dir
-from common.datasets.report import DatasetLayoutError, SplitSummary, summarize
+from common.datasets.patients import SPLITS, split_by_ratio, subsample
 from common.datasets.splits import FileSplit
+from common.datasets.summary import SplitSummary, summarize
+from common.errors import ConfigError, DatasetLayoutError
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -40,13 +41,11 @@ DATASET = "camelyon17"
 FOLDER = "camelyon17_v1.0"
 METADATA = "metadata.csv"
 COLUMNS = ("patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split")
-SPLITS = ("train", "val", "test")
 # Anonymised hospitals of CAMELYON17 (Bandi et al. 2019): Radboud UMC, Canisius-Wilhelmina Hospital,
 # UMC Utrecht, Rijnstate Hospital, Laboratorium Pathologie Oost-Nederland.
 CENTER_HOSPITALS = {0: "RUMC", 1: "CWZ", 2: "UMCU", 3: "RST", 4: "LPON"}
 OFFICIAL = {"train": (0, 3, 4), "val_ood": (1,), "test": (2,)}
 PATIENTS_PER_CENTER = 20  # center = patient // 20
-_CANDIDATES = 256  # seeded patient permutations scored for tumor-ratio stratification
 
 
 # ---- metadata -------------------------------------------------------------------------------
@@ -147,8 +146,6 @@ def default_num_sites(cfg: RunConfig) -> int:
 
 def site_centers(cfg: RunConfig) -> list[int]:
     """The centers used as sites, in site order, after checking the config fits Camelyon17."""
-    from common.config import ConfigError
-
     listed = [int(c) for c in cfg.data.centers.split(",")]
     if cfg.model.num_classes != 2:
         raise ConfigError(
@@ -173,47 +170,12 @@ def official_split(records: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {role: [c for c in group if c in present] for role, group in OFFICIAL.items()}
 
 
-def split_patients(records: list[dict[str, Any]], *, seed: int, center: int,
-                   val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
-    """Deal one center's patients to train/val/test, seeded, stratified by tumor ratio, never overlapping."""
-    tumor: dict[str, list[int]] = {}
-    for r in records:
-        tumor.setdefault(r["patient"], [0, 0])
-        tumor[r["patient"]][0] += int(r["tumor"])
-        tumor[r["patient"]][1] += 1
-    patients = sorted(tumor)
-    n_test, n_val = _split_sizes(len(patients), val_fraction, test_fraction)
-    counts = np.array([tumor[p] for p in patients], dtype=np.float64).reshape(-1, 2)
-    rng = np.random.default_rng([seed, center])
-    order = min((rng.permutation(len(patients)) for _ in range(_CANDIDATES)),
-                key=lambda perm: _imbalance(counts, perm, n_test, n_val))
-    bounds = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-    return {split: sorted(patients[i] for i in bounds[split]) for split in SPLITS}
-
-
-def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(test, val) patient counts: test >= 1 and val >= 1 (when asked) only while train keeps >= 1."""
-    if n < 2:
-        return 0, 0
-    n_test = min(max(1, round(n * test_fraction)), n - 1)
-    if val_fraction <= 0 or n - n_test < 2:
-        return n_test, 0
-    return n_test, min(max(1, round(n * val_fraction)), n - n_test - 1)
-
-
-def _imbalance(counts: np.ndarray, perm: np.ndarray, n_test: int, n_val: int) -> float:
-    overall = counts[:, 0].sum() / max(counts[:, 1].sum(), 1.0)
-    parts = (perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:])
-    ratios = [counts[p, 0].sum() / counts[p, 1].sum() for p in parts if len(p) and counts[p, 1].sum()]
-    return float(sum(abs(r - overall) for r in ratios))
-
-
 def _center_records(records: list[dict[str, Any]], center: int) -> list[dict[str, Any]]:
     return [r for r in records if r["center"] == center]
 
 
 def _center_split(cfg: RunConfig, records: list[dict[str, Any]], center: int) -> dict[str, list[str]]:
-    return split_patients(_center_records(records, center), seed=cfg.data.seed, center=center,
+    return split_by_ratio(_center_records(records, center), seed=(cfg.data.seed, center),
                           val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction)
 
 
@@ -233,16 +195,9 @@ def partition(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def subsample(records: list[dict[str, Any]], limit: int, seed: list[int]) -> list[dict[str, Any]]:
-    """At most `limit` records (0 = all), drawn per class in proportion to its share; order kept."""
-    if limit <= 0 or len(records) <= limit:
-        return records
-    labels = np.array([r["tumor"] for r in records])
-    rng = np.random.default_rng(seed)
-    normal, tumor = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    take_normal = min(len(normal), max(limit - len(tumor), round(limit * len(normal) / len(records))))
-    keep = [*rng.choice(normal, take_normal, replace=False), *rng.choice(tumor, limit - take_normal, replace=False)]
-    return [records[i] for i in sorted(keep)]
+def _subsample(rows: list[dict[str, Any]], limit: int, seed: tuple[int, ...]) -> list[dict[str, Any]]:
+    """At most `limit` rows (0 = all), tumor/normal in proportion (patients.subsample); order kept."""
+    return [rows[i] for i in subsample([r["tumor"] for r in rows], limit, np.random.default_rng(seed))]
 
 
 def _site_records(cfg: RunConfig, site: int, split: str) -> tuple[Path, list[dict[str, Any]]]:
@@ -256,14 +211,12 @@ def _site_records(cfg: RunConfig, site: int, split: str) -> tuple[Path, list[dic
     center = listed[site]
     chosen = set(_center_split(cfg, records, center)[split])
     rows = [r for r in _center_records(records, center) if r["patient"] in chosen]
-    return folder, subsample(rows, cfg.data.max_per_site, [cfg.data.seed, center, SPLITS.index(split)])
+    return folder, _subsample(rows, cfg.data.max_per_site, (cfg.data.seed, center, SPLITS.index(split)))
 
 
-def _file_split(cfg: RunConfig, folder: Path, rows: list[dict[str, Any]], *, train: bool) -> FileSplit:
-    from common.stain import stain_transform
-
+def _file_split(cfg: RunConfig, folder: Path, rows: list[dict[str, Any]]) -> FileSplit:
     return FileSplit(folder, [r["path"] for r in rows], [r["tumor"] for r in rows], cfg.model.image_size,
-                     strict=cfg.data.strict, transform=stain_transform(cfg.data, train=train))
+                     strict=cfg.data.strict)
 
 
 def load_split(cfg: RunConfig, site: int, split: str) -> FileSplit:
@@ -274,7 +227,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> FileSplit:
             f"site center-{site_centers(cfg)[site]} has no '{split}' patches in {folder / METADATA} "
             "(too few patients for this split, or the center is absent)"
         )
-    return _file_split(cfg, folder, rows, train=split == "train")
+    return _file_split(cfg, folder, rows)
 
 
 def load_center(cfg: RunConfig, center: int) -> FileSplit:
@@ -282,10 +235,10 @@ def load_center(cfg: RunConfig, center: int) -> FileSplit:
     if center not in CENTER_HOSPITALS:
         raise ValueError(f"center must be 0-4 (got {center})")
     folder, records = _records(cfg)
-    rows = subsample(_center_records(records, center), cfg.data.max_per_site, [cfg.data.seed, center, len(SPLITS)])
+    rows = _subsample(_center_records(records, center), cfg.data.max_per_site, (cfg.data.seed, center, len(SPLITS)))
     if not rows:
         raise DatasetLayoutError(f"center {center} has no patches in {folder / METADATA}")
-    return _file_split(cfg, folder, rows, train=False)
+    return _file_split(cfg, folder, rows)
 
 
 def check(cfg: RunConfig) -> list[SplitSummary]:
@@ -297,46 +250,3 @@ def check(cfg: RunConfig) -> list[SplitSummary]:
             data = FileSplit(folder, [r["path"] for r in rows], [r["tumor"] for r in rows], cfg.model.image_size)
             out.append(summarize(f"center-{center}", split, data, [r["patient"] for r in rows], read=True))
     return out
-
-
-# ---- fixture --------------------------------------------------------------------------------
-
-
-def write_fixture(root: Path, *, patients_per_center: int = 2, nodes_per_patient: int = 1,
-                  patches_per_node: int = 6, size: int = 96, seed: int = 0) -> Path:
-    """Write a small layout-faithful SYNTHETIC camelyon17_v1.0 tree under root and return its path."""
-    from common.datasets.synthetic import SUBTYPES, hospital, render
-
-    if not 1 <= patients_per_center <= PATIENTS_PER_CENTER or not 1 <= nodes_per_patient <= 5:
-        raise ValueError("write_fixture: 1-20 patients per center and 1-5 nodes per patient")
-    folder = Path(root) / FOLDER
-    rows = []
-    for center in CENTER_HOSPITALS:
-        hosp = hospital(center, len(CENTER_HOSPITALS), seed)
-        for k in range(patients_per_center):
-            patient = f"{PATIENTS_PER_CENTER * center + k:03d}"
-            for node in range(nodes_per_patient):
-                rng = np.random.default_rng([seed, center, k, node])
-                tumors = rng.permutation(np.arange(patches_per_node) % 2)
-                for j, tumor in enumerate(tumors):
-                    x, y = 96 * (10 + j), 96 * (20 + int(rng.integers(0, 100)))
-                    morph = SUBTYPES[int(rng.integers(4, 8)) if tumor else int(rng.integers(0, 4))]
-                    _save_rgba(folder / patch_path(patient, node, x, y), render(rng, size, morph, hosp))
-                    in_dist_val = center in OFFICIAL["train"] and j % 5 == 4
-                    rows.append([patient, node, x, y, int(tumor), len(rows) // patches_per_node,
-                                 center, int(in_dist_val)])
-    _write_metadata(folder / METADATA, rows)
-    return folder
-
-
-def _save_rgba(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    alpha = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
-    Image.fromarray(np.concatenate([rgb, alpha], axis=2)).save(path)  # H x W x 4 -> RGBA
-
-
-def _write_metadata(path: Path, rows: list[list[Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["", *COLUMNS])
-        writer.writerows([i, *row] for i, row in enumerate(rows))

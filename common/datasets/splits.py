@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,9 +21,18 @@ class SiteSplit(Dataset):
     """One site's split: item i is (uint8 H x W x 3 image or None if unreadable, label)."""
 
     labels: np.ndarray
+    transform: Transform | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def with_transform(self, transform: Transform | None) -> SiteSplit:
+        """A copy that applies this per-image transform (the data itself is shared, never copied)."""
+        if transform is None:
+            return self
+        out = copy.copy(self)
+        out.transform = transform
+        return out
 
 
 class ArraySplit(SiteSplit):

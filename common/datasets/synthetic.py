@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.datasets.index_cache import cached_arrays, default_cache_dir
-from common.datasets.report import SplitSummary
 from common.datasets.splits import ArraySplit
+from common.datasets.summary import SplitSummary
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -109,8 +109,6 @@ def hospital(site: int, num_sites: int, seed: int) -> Hospital:
 
 def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
     """One site's synthetic split, generated deterministically from the config's seed."""
-    from common.stain import stain_transform
-
     n = cfg.data.train_per_site if split == "train" else cfg.data.test_per_site
     data = generate(
         site=site,
@@ -122,8 +120,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
         seed=cfg.data.seed,
         cache_dir=str(default_cache_dir(cfg.data.cache_dir)),
     )
-    transform = stain_transform(cfg.data, train=split == "train")
-    return ArraySplit(data.images, data.labels, transform) if transform else data
+    return data
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,19 +7,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.config import ConfigError, RunConfig
+from typing import TYPE_CHECKING
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 SIGMA_MAX = 50.0  # a target that needs more noise than this is unreachable in practice (the noise drowns the signal)
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # aggregate = (weighted) mean of the updates: Flower's DP wrappers fit them
 History = list[tuple[float, float, int]]  # Opacus accountant history: (noise multiplier, sample rate, steps)
-
-LOCAL_MECHANISM = "DP-SGD (Abadi et al. 2016): per-sample clipping + Gaussian noise, Opacus, example-level"
-CENTRAL_MECHANISM = {
-    "central-fixed-server": "central DP, server-side fixed clipping (McMahan et al. 2018), site-level",
-    "central-fixed-client": "central DP, client-side fixed clipping (McMahan et al. 2018), site-level",
-    "central-adaptive-server": "central DP, server-side adaptive clipping (Andrew et al. 2021), site-level",
-    "central-adaptive-client": "central DP, client-side adaptive clipping (Andrew et al. 2021), site-level",
-}
 
 
 def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: str) -> float:

@@ -16,7 +16,7 @@ from opacus.validators import ModuleValidator
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
-from common.config import ConfigError, ModelConfig
+from common.errors import ConfigError
 from common.privacy.grad_sampler import use_fast_convs
 
 MAX_NORM_GROUPS = 32  # GroupNorm groups: gcd(channels, 32) (Wu & He 2018 use 32)
@@ -83,13 +83,3 @@ def make_dp_compatible(model: nn.Module, *, fast_depthwise: bool = True, what: s
             "Set privacy.mode=off or choose model.architecture=hybrid"
         )
     return model
-
-
-def check_dp_architecture(cfg: ModelConfig) -> None:
-    """DP-SGD is built for the hybrid; the paper's baselines keep BatchNorm layers histofed does not convert."""
-    if cfg.architecture != "hybrid":
-        raise ConfigError(
-            f"invalid value for 'model.architecture': differential privacy (privacy.mode) supports the hybrid "
-            f"only; the baseline '{cfg.architecture}' is a BatchNorm model that histofed does not convert "
-            f"(got '{cfg.architecture}')"
-        )

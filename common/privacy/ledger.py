@@ -10,40 +10,26 @@ crash can only over-count ε, never under-count it. An unreadable ledger is an e
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import RunConfig
 from common.privacy.accounting import History
+from common.site_state import state_path
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 LEDGER_VERSION = 1
-NODE_CONFIG_KEY = "privacy.ledger-dir"  # a hospital's node config may name its own ledger folder
 
 
 class LedgerError(RuntimeError):
     """The ledger cannot be trusted (unreadable or malformed): the site refuses to train."""
 
 
-def ledger_dir(cfg: RunConfig, node_config: Mapping[str, Any] | None = None) -> Path:
-    """Node config `privacy.ledger-dir`, else privacy.ledger-dir, else <run-dir>/privacy-ledger, else the user's state dir."""
-    node_config = node_config or {}
-    if node_config.get(NODE_CONFIG_KEY):
-        return Path(str(node_config[NODE_CONFIG_KEY])).expanduser()
-    if cfg.privacy.ledger_dir:
-        return Path(cfg.privacy.ledger_dir).expanduser()
-    if cfg.output.run_dir:
-        return Path(cfg.output.run_dir) / "privacy-ledger"
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "histofed" / "privacy-ledger"
-
-
 def ledger_path(cfg: RunConfig, site: str, node_config: Mapping[str, Any] | None = None) -> Path:
-    """The JSON file of one site's ledger."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", site).strip("._") or "site"
-    return ledger_dir(cfg, node_config) / f"{safe}.json"
+    """The JSON file of one site's ledger (in the site's state folder)."""
+    return state_path(cfg, site, "ledger", node_config)
 
 
 class PrivacyLedger:

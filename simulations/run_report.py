@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import numpy as np  # noqa: E402
 
 from common.attention import attention_maps, overlay  # noqa: E402
 from common.config import RunConfig  # noqa: E402
-from common.datasets import get_dataset  # noqa: E402
-from common.privacy import build_model_for  # noqa: E402 - the run's model (DP-compatible when privacy is on)
-from common.weights import load_weights, read_state_dict  # noqa: E402
-from simulations.runner import read_history  # noqa: E402
+from common.datasets.registry import load_site  # noqa: E402
+from common.model import build_model_for  # noqa: E402 - the run's model (DP-compatible when privacy is on)
+from common.rundir import RunDirectory  # noqa: E402
+from common.weights import load_weights  # noqa: E402
 
 CURVE_METRICS = ("accuracy", "f1", "auc", "specificity")
 BAR_METRICS = ("precision", "recall", "f1", "specificity", "iou", "accuracy")
@@ -85,14 +84,13 @@ def plot_epsilon(history: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_attention(run_dir: Path, cfg: RunConfig, path: Path, count: int = 6) -> Path | None:
+def plot_attention(run: RunDirectory, cfg: RunConfig, path: Path, count: int = 6) -> Path | None:
     """Attention overlays of the final global model on the first test patches of site 0."""
-    weights = run_dir / "model.safetensors"
-    if cfg.model.architecture != "hybrid" or not weights.is_file():
+    if cfg.model.architecture != "hybrid" or not run.model_file.is_file():
         return None
     model = build_model_for(cfg.model, cfg.privacy, load_pretrained=False)
-    load_weights(model, read_state_dict(weights))
-    split = get_dataset(cfg.data.dataset).load_split(cfg, cfg.federation.training_sites[0], "test")
+    load_weights(model, run.load_model())
+    split = load_site(cfg, cfg.federation.training_sites[0], "test")
     picks = [split[i] for i in range(min(count, len(split)))]
     images = np.stack([img for img, _ in picks if img is not None])
     heat, probs = attention_maps(model, images)
@@ -109,33 +107,33 @@ def plot_attention(run_dir: Path, cfg: RunConfig, path: Path, count: int = 6) ->
 
 
 def build_report(run_dir: Path) -> Path:
-    """Write the PNGs and report.html into run_dir; returns the HTML path."""
-    run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
-    cfg, kind = RunConfig.from_flat(saved["config"]), saved.get("data-kind", "unknown")
-    history = read_history(run_dir)
+    """Write the PNGs and the HTML page into run_dir; returns the HTML path."""
+    run = RunDirectory(Path(run_dir))
+    flat, kind = run.read_config()
+    cfg = RunConfig.from_flat(flat)
+    history = run.history()
     if not history:
-        raise ValueError(f"{run_dir} has no rounds in metrics.jsonl")
-    out = run_dir / "report"
+        raise ValueError(f"{run.path} has no rounds in {RunDirectory.METRICS}")
+    out = run.file(RunDirectory.REPORT_DIR)
     out.mkdir(exist_ok=True)
     figures = [
         ("Metrics per round", plot_curves(history, out / "curves.png", kind)),
         ("Final confusion matrix (pooled over sites)", plot_confusion(history[-1]["confusion"], out / "confusion.png", kind)),
         ("Final metrics per site", plot_sites(history[-1], out / "sites.png", kind)),
         ("Privacy budget (ε) per round", plot_epsilon(history, out / "epsilon.png")),
-        ("Attention overlays", plot_attention(run_dir, cfg, out / "attention.png")),
+        ("Attention overlays", plot_attention(run, cfg, out / "attention.png")),
     ]
-    return _write_html(run_dir, history, [(t, p) for t, p in figures if p is not None], kind)
+    return _write_html(run, history, [(t, p) for t, p in figures if p is not None], kind)
 
 
-def _write_html(run_dir: Path, history: list[dict[str, Any]], figures: list[tuple[str, Path]], kind: str) -> Path:
+def _write_html(run: RunDirectory, history: list[dict[str, Any]], figures: list[tuple[str, Path]], kind: str) -> Path:
     final = history[-1]["global"]
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{'—' if v is None else f'{v:.4f}'}</td></tr>"
                    for k, v in final.items() if not isinstance(v, dict))
     blocks = []
     for title, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
-        rel = path.relative_to(run_dir).as_posix()
+        rel = path.relative_to(run.path).as_posix()
         blocks.append(f'<h2>{html.escape(title)}</h2><img alt="{rel}" src="data:image/png;base64,{data}">'
                       f'<p><a href="{rel}">{rel}</a></p>')
     page = (
@@ -143,9 +141,9 @@ def _write_html(run_dir: Path, history: list[dict[str, Any]], figures: list[tupl
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
         "td{padding:2px 10px}</style></head><body>"
         f"<h1>histofed run report</h1><p><b>Data: {html.escape(kind.upper())}</b> · run directory "
-        f"{html.escape(str(run_dir))} · {len(history) - 1} rounds</p>"
+        f"{html.escape(str(run.path))} · {len(history) - 1} rounds</p>"
         f"<h2>Final global metrics (pooled counts)</h2><table>{rows}</table>{''.join(blocks)}</body></html>"
     )
-    path = run_dir / "report.html"
+    path = run.file(RunDirectory.REPORT_HTML)
     path.write_text(page)
     return path

@@ -1,15 +1,13 @@
-"""Driving Flower's own CLI from histofed: connections, `flwr run` submission, status, and process clean-up.
+"""Driving Flower's own processes from histofed: connections, `flwr run` submission, waiting on the run, clean-up.
 
-No Flower app wiring is imported here: these helpers start `flwr` / `flower-superlink` processes and
-read the run directory the ServerApp writes, so the simulation and deployment commands share them.
+The simulation (`flower-sim`) and deployment (`flower-server start`) commands share these helpers;
+they follow the run through the run directory the ServerApp writes (common.rundir).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +19,8 @@ import psutil
 import tomli_w
 
 from common.config import RunConfig
-
-LOG_FILE = "flower.log"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
+from common.ports import free_port
+from common.rundir import RunDirectory
 
 
 class FlowerRunError(RuntimeError):
@@ -43,65 +39,45 @@ def find_app_dir() -> Path:
     return root
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Rounds written so far to metrics.jsonl (a partial last line is ignored)."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """The ServerApp's status marker, or {} if it never wrote one."""
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def write_connection(flwr_home: Path, name: str, connection: Mapping[str, Any]) -> None:
     """A private FLWR_HOME/config.toml with one named SuperLink connection (the user's ~/.flwr untouched)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": name, name: dict(connection)}}))
 
 
-def write_run_config(cfg: RunConfig, path: Path) -> Path:
-    """The flat run config as the nested TOML file `flwr run --run-config` accepts."""
+def write_run_config(cfg: RunConfig, run: RunDirectory) -> Path:
+    """The flat run config as the nested TOML file `flwr run --run-config` accepts, in the run directory."""
+    path = run.file(RunDirectory.RUN_CONFIG)
     path.write_text(tomli_w.dumps(_nested(cfg.to_flat())))
     return path
 
 
 def submit_and_wait(
-    cmd: list[str], run_dir: Path, flwr_home: Path, *, timeout_s: float, on_poll: Callable[[], None],
+    cmd: list[str], run: RunDirectory, *, timeout_s: float, on_poll: Callable[[], None],
     extra_processes: tuple[subprocess.Popen, ...] = (),
 ) -> dict[str, Any]:
     """Run `flwr run ... --stream`, wait, stop what it started (and extra_processes); return the status."""
     deadline = time.monotonic() + timeout_s
-    (run_dir / STATUS_FILE).unlink(missing_ok=True)  # a resumed run's old "completed" must not end this one
-    with (run_dir / LOG_FILE).open("ab") as log:
+    run.clear_status()  # a resumed run's old "completed" must not end this one
+    flower_log = run.file(RunDirectory.FLOWER_LOG)
+    with flower_log.open("ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flwr_environment(flwr_home),
-            cwd=run_dir, start_new_session=True,
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flwr_environment(run.flwr_home),
+            cwd=run.path, start_new_session=True,
         )
         try:
             while proc.poll() is None:
                 on_poll()
-                if read_status(run_dir).get("status") == "completed":
+                if run.read_status().get("status") == "completed":
                     break  # every artefact is written: Ray's and the SuperLink's own shutdown (~4 s) is not waited for
                 if time.monotonic() > deadline:
                     raise FlowerRunError(f"run exceeded its {timeout_s:g} s timeout")
                 time.sleep(0.5)
-            status = _await_status(run_dir, grace_s=15.0 if proc.returncode in (0, None) else 0.0, on_poll=on_poll)
+            status = _await_status(run, grace_s=15.0 if proc.returncode in (0, None) else 0.0, on_poll=on_poll)
         finally:
-            stop_processes((proc, *extra_processes), flwr_home)
+            stop_processes((proc, *extra_processes), run.flwr_home)
     on_poll()
-    return status or {"status": "failed", "error": last_error(run_dir / LOG_FILE)}
+    return status or {"status": "failed", "error": last_error(flower_log)}
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,13 +88,8 @@ def _nested(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return nested
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def flwr_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment of every Flower process histofed starts: private FLWR_HOME, offline, free local ports."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
@@ -134,6 +105,7 @@ def flwr_environment(flwr_home: Path) -> dict[str, str]:
 
 
 def flwr_executable() -> str:
+    """The `flwr` command next to this Python (or on PATH)."""
     local = Path(sys.executable).parent / "flwr"
     found = str(local) if local.is_file() else shutil.which("flwr")
     if not found:
@@ -141,10 +113,10 @@ def flwr_executable() -> str:
     return found
 
 
-def _await_status(run_dir: Path, *, grace_s: float, on_poll: Callable[[], None]) -> dict[str, Any]:
+def _await_status(run: RunDirectory, *, grace_s: float, on_poll: Callable[[], None]) -> dict[str, Any]:
     deadline = time.monotonic() + grace_s
     while True:
-        status = read_status(run_dir)
+        status = run.read_status()
         if status.get("status") in ("completed", "failed") or time.monotonic() > deadline:
             return status if status.get("status") != "running" else {}
         on_poll()

@@ -11,11 +11,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from common.config import DataConfig
+from common.datasets.images import read_rgb
+
+if TYPE_CHECKING:
+    from common.config import DataConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -31,8 +35,6 @@ class MacenkoTransform:
 
         self.normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
         if reference is not None:
-            from common.datasets.images import read_rgb
-
             self.normalizer.fit(read_rgb(reference))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""Patient-level dealing to sites (iid, label-skew, quantity-skew) and stratified train/val/test splits.
+"""Patients, the leakage unit of every dataset: dealing them to sites, splitting them train/val/test, subsampling.
 
-Works on index records carrying at least "patient" and "binary" (0 benign, 1 malignant). A
-patient's stratification class is malignant if any of its images is. Everything is seeded
-(numpy Generator) and independent of record order.
+Two split rules, for the two kinds of patient: `split_patients` for patients with one class
+(BreakHis, synthetic: records carry "patient" and "binary"; a patient is malignant if any of its
+images is), stratified by that class; `split_by_ratio` for patients whose patches mix both labels
+(Camelyon17: records carry "patient" and a 0/1 label), balancing the label ratio across splits.
+Everything is seeded (numpy Generator) and independent of record order; a patient is never in two
+splits or two sites.
 
 Small groups (per class, within one site): 1 patient → train; 2 → one to test; ≥3 → at least one
 to test and, when val_fraction > 0, one to val; train always keeps one. A split that is still empty
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+_CANDIDATES = 256  # seeded patient permutations scored for label-ratio stratification
 Groups = dict[int, list[str]]  # class -> patients, in seeded random order
 Dealer = Callable[[Groups, int, float, np.random.Generator], list[list[str]]]
 
@@ -146,3 +150,41 @@ DEALERS: dict[str, Dealer] = {
     "label-skew": _deal_label_skew,
     "quantity-skew": _deal_quantity_skew,
 }
+
+
+def split_by_ratio(
+    records: Iterable[Mapping[str, Any]], *, seed: int | Sequence[int], val_fraction: float, test_fraction: float,
+    label: str = "tumor",
+) -> dict[str, list[str]]:
+    """Deal patients with mixed labels to train/val/test, seeded, balancing the label ratio, never overlapping."""
+    positives: dict[str, list[int]] = {}
+    for r in records:
+        positives.setdefault(r["patient"], [0, 0])
+        positives[r["patient"]][0] += int(r[label])
+        positives[r["patient"]][1] += 1
+    patients = sorted(positives)
+    n_test, n_val = ratio_split_sizes(len(patients), val_fraction, test_fraction)
+    counts = np.array([positives[p] for p in patients], dtype=np.float64).reshape(-1, 2)
+    rng = np.random.default_rng(seed)
+    order = min((rng.permutation(len(patients)) for _ in range(_CANDIDATES)),
+                key=lambda perm: _imbalance(counts, perm, n_test, n_val))
+    bounds = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {split: sorted(patients[i] for i in bounds[split]) for split in SPLITS}
+
+
+def ratio_split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) patient counts: test >= 1 and val >= 1 (when asked) only while train keeps >= 1."""
+    if n < 2:
+        return 0, 0
+    n_test = min(max(1, round(n * test_fraction)), n - 1)
+    if val_fraction <= 0 or n - n_test < 2:
+        return n_test, 0
+    return n_test, min(max(1, round(n * val_fraction)), n - n_test - 1)
+
+
+def _imbalance(counts: np.ndarray, perm: np.ndarray, n_test: int, n_val: int) -> float:
+    overall = counts[:, 0].sum() / max(counts[:, 1].sum(), 1.0)
+    parts = (perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:])
+    ratios = [counts[p, 0].sum() / counts[p, 1].sum() for p in parts if len(p) and counts[p, 1].sum()]
+    return float(sum(abs(r - overall) for r in ratios))
+

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from common.config import RunConfig
-from common.privacy.ledger import ledger_path
+from common.site_state import state_path
 from common.weights import read_state_dict, save_state_dict
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
@@ -33,9 +35,8 @@ def norm_keys(model: nn.Module) -> list[str]:
 
 
 def local_norm_path(cfg: RunConfig, site: str, node_config: Mapping[str, Any] | None = None) -> Path:
-    """The site's norm-layer file, beside its privacy ledger."""
-    ledger = ledger_path(cfg, site, node_config)
-    return ledger.with_name(ledger.stem + ".norm.safetensors")
+    """The site's norm-layer file, in the site's state folder."""
+    return state_path(cfg, site, "fedbn-norm", node_config)
 
 
 def restore_local_norm(model: nn.Module, path: Path) -> bool:

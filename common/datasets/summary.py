@@ -1,4 +1,4 @@
-"""Data checks shared by the dataset readers: layout errors and per-site/split summaries."""
+"""Data checks shared by the dataset readers: per-site/split summaries (images per class, patients, unreadable files)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ from dataclasses import dataclass, field
 
 from common.datasets.images import BadImageError, read_rgb
 from common.datasets.splits import FileSplit
-
-
-class DatasetLayoutError(ValueError):
-    """The data root does not have the expected layout; the message names the file or column."""
 
 
 @dataclass

@@ -10,9 +10,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from common.config import RunConfig
-from common.datasets import get_dataset
+from common.datasets.registry import get_dataset, load_site
 from common.metrics import pooled_report
 from common.model import build_model
+from common.seeds import pooled_seed
 from common.training import evaluate, prepare, select_device, train_local
 
 
@@ -21,25 +22,23 @@ def train_on_sites(cfg: RunConfig, sites: Sequence[int]) -> nn.Module:
 
     Budget = federation.rounds x train.local-epochs passes over the data, as each federated site gets.
     """
-    entry = get_dataset(cfg.data.dataset)
-    data = ConcatDataset([entry.load_split(cfg, i, "train") for i in sites])
+    data = ConcatDataset([load_site(cfg, i, "train") for i in sites])
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # same initial weights as the ServerApp's for this seed
     device = select_device(cfg.train.device)
     model = prepare(build_model(cfg.model), device, channels_last=cfg.train.channels_last)
     budget = cfg.train.model_copy(update={"local_epochs": cfg.federation.rounds * cfg.train.local_epochs})
-    train_local(model, data, budget, device, seed=cfg.train.seed * 1_000_003 + 7919 * (1 + min(sites)))
+    train_local(model, data, budget, device, seed=pooled_seed(cfg.train.seed, sites))
     return model
 
 
 def evaluate_on_sites(model: nn.Module, cfg: RunConfig, sites: Sequence[int], split: str = "test") -> dict[str, Any]:
     """Pooled global and per-site metrics of one model on these sites' test splits."""
-    entry = get_dataset(cfg.data.dataset)
-    names = entry.site_names(cfg)
+    names = get_dataset(cfg.data.dataset).site_names(cfg)
     device = next(model.parameters()).device
     results = {
-        names[i]: evaluate(model, entry.load_split(cfg, i, split), device, amp=cfg.train.amp,
+        names[i]: evaluate(model, load_site(cfg, i, split), device, amp=cfg.train.amp,
                            num_workers=cfg.train.num_workers)
         for i in sites
     }

@@ -1,14 +1,11 @@
-"""What travels and what is reported: privacy record keys, per-site ε per round, the budget policy and privacy.json."""
+"""What travels and what is reported: privacy record keys, per-site ε per round, the budget policy and the privacy report."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from common.config import RunConfig
-from common.privacy.accounting import (
-    CENTRAL_MECHANISM, LOCAL_MECHANISM, CentralAccountant, extend, plan_central,
-)
+from common.privacy.accounting import CentralAccountant, CentralPlan, extend, plan_central
 
 # MetricRecord keys a DP site adds to its train reply (numbers only)
 EPSILON = "privacy-epsilon"
@@ -23,9 +20,9 @@ BUDGET = "privacy-budget"
 DECLINED = "privacy-declined"
 
 if TYPE_CHECKING:
+    from common.config import RunConfig
     from common.privacy.trainer import PrivateTrainResult
 
-PRIVACY_FILE = "privacy.json"
 _FIELDS = {EPSILON: "epsilon", DELTA: "delta", NOISE: "noise-multiplier", SAMPLE_RATE: "sample-rate",
            STEPS: "steps", TOTAL_STEPS: "total-steps", MAX_GRAD_NORM: "max-grad-norm", BUDGET: "budget"}
 NOT_COVERED = ("ε bounds what the model weights a site sends can reveal about one record; the training loss and "
@@ -55,22 +52,24 @@ def decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 class PrivacyMonitor:
     """Server-side privacy bookkeeping for one run: ε per site and round, budget policy, the privacy report."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, central: CentralPlan | None = None) -> None:
         self.cfg = cfg
-        self.mode = cfg.privacy.mode
-        self.central = CentralAccountant(plan_central(cfg)) if self.mode.startswith("central") else None
+        self.spec = cfg.privacy.spec
+        if central is None and self.spec.central:
+            central = plan_central(cfg)
+        self.central = CentralAccountant(central) if central is not None else None
         self.sites: dict[str, dict[str, Any]] = {}
         self.stopped = ""
-        self.clipping_norm_fn: Callable[[], float] = lambda: cfg.privacy.clipping_norm  # central: the wrapper's norm
         self._round: dict[str, dict[str, Any]] = {}
 
-    def trained(self, metrics_by_site: Mapping[str, Mapping[str, Any]]) -> None:
-        """Train replies of a round: local ε as reported by each site, or central ε accounted here."""
+    def trained(self, metrics_by_site: Mapping[str, Mapping[str, Any]], *, clipping_norm: float | None = None) -> None:
+        """Train replies of a round: local ε as reported by each site, or central ε accounted here (at the wrapper's norm)."""
         if self.central is not None:
             examples = {site: int(m.get("num-examples", 0)) for site, m in metrics_by_site.items()}
             entries = self.central.record(examples)
+            norm = self.cfg.privacy.clipping_norm if clipping_norm is None else clipping_norm
             for site, entry in entries.items():
-                entry["clipping-norm"] = float(self.clipping_norm_fn())
+                entry["clipping-norm"] = float(norm)
             self._round.update(entries)
             return
         for site, metrics in metrics_by_site.items():
@@ -94,7 +93,7 @@ class PrivacyMonitor:
         raise PrivacyBudgetStop(reason)
 
     def end_round(self, server_round: int) -> dict[str, dict[str, Any]]:
-        """This round's per-site entries (for metrics.jsonl), added to the report."""
+        """This round's per-site entries (for the round's metrics line), added to the report."""
         entries, self._round = self._round, {}
         for site, entry in entries.items():
             row = self.sites.setdefault(site, {"rounds": []})
@@ -122,22 +121,22 @@ class PrivacyMonitor:
                     self.central._last[site] = noise
 
     def report(self) -> dict[str, Any]:
-        """The privacy report (privacy.json): per site ε(δ) after each round and every setting that produced it."""
+        """The privacy report (RunDirectory.PRIVACY): per site ε(δ) after each round and every setting that produced it."""
         p = self.cfg.privacy
         body: dict[str, Any] = {
-            "mode": self.mode, "accountant": p.accountant, "budget-epsilon": p.target_epsilon,
+            "mode": self.spec.name, "accountant": p.accountant, "budget-epsilon": p.target_epsilon,
             "on-budget-exhausted": p.on_budget_exhausted, "stopped": self.stopped or None, "not-covered": NOT_COVERED,
         }
         if self.central is not None:
             plan = self.central.plan
-            body.update(mechanism=CENTRAL_MECHANISM[self.mode], unit="one hospital (all its records)",
+            body.update(mechanism=self.spec.mechanism, unit="one hospital (all its records)",
                         **{"noise-multiplier": plan.noise_multiplier, "initial-clipping-norm": plan.clipping_norm,
                            "sites-per-round": plan.num_sampled, "delta": plan.delta, "sample-rate": 1.0,
                            "planned-rounds": plan.rounds})
-            if "adaptive" in self.mode:
+            if self.spec.adaptive:
                 body.update({"target-clipped-quantile": p.target_clipped_quantile, "clip-norm-lr": p.clip_norm_lr})
         else:
-            body.update(mechanism=LOCAL_MECHANISM, unit="one training image", **{
+            body.update(mechanism=self.spec.mechanism, unit="one training image", **{
                 "poisson-sampling": p.poisson_sampling, "noise-multiplier-setting": p.noise_multiplier,
                 "fast-depthwise": p.fast_depthwise})
         body["sites"] = self.sites
