@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.metrics import HIST_BINS
 from common.training import EvalResult
 
 # RecordDict keys
@@ -23,7 +24,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 CONFUSION = "confusion"
-SCORE_HIST = "score-hist"
+SCORE_HIST = "logit-hist"  # renamed from "score-hist" (256 linear probability bins): an older site is refused
 SKIPPED = "skipped-images"
 
 
@@ -39,14 +40,16 @@ def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:
 
 
 def decode_counts(metrics: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rebuild the K x K confusion matrix and K x 2 x bins histograms; reject malformed replies."""
+    """Rebuild the K x K confusion matrix and K x 2 x HIST_BINS logit histograms; reject malformed replies."""
+    if CONFUSION not in metrics or SCORE_HIST not in metrics:
+        raise ValueError(f"reply lacks '{CONFUSION}' or '{SCORE_HIST}' counts (a site running an older histofed?)")
     confusion = np.asarray(metrics[CONFUSION], dtype=np.int64)
     hist = np.asarray(metrics[SCORE_HIST], dtype=np.int64)
-    if confusion.size != num_classes**2 or hist.size % (2 * num_classes):
+    if confusion.size != num_classes**2 or hist.size != num_classes * 2 * HIST_BINS:
         raise ValueError(
             f"reply counts do not fit {num_classes} classes "
-            f"(confusion {confusion.size} values, histogram {hist.size})"
+            f"(confusion {confusion.size} values, histogram {hist.size}, expected {num_classes * 2 * HIST_BINS})"
         )
     if (confusion < 0).any() or (hist < 0).any():
         raise ValueError("reply counts must be non-negative")
-    return confusion.reshape(num_classes, num_classes), hist.reshape(num_classes, 2, -1)
+    return confusion.reshape(num_classes, num_classes), hist.reshape(num_classes, 2, HIST_BINS)

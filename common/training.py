@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
 from common.datasets.splits import ArraySplit, SiteSplit, collate_skipping
-from common.metrics import DEFAULT_BINS, confusion_matrix, score_histograms
+from common.metrics import confusion_matrix, score_histograms
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -45,7 +45,7 @@ class EvalResult:
     loss: float
     num_examples: int
     confusion: np.ndarray  # K x K
-    histograms: np.ndarray  # K x 2 x bins
+    histograms: np.ndarray  # K x 2 x HIST_BINS one-vs-rest log-odds counts (common.metrics)
     skipped: int = 0
 
 
@@ -162,12 +162,12 @@ def train_local(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: SiteSplit, device: torch.device, *, batch_size: int = 128, amp: bool = True,
-    num_workers: int = -1, bins: int = DEFAULT_BINS, channels_last: bool = True,
+    num_workers: int = -1, channels_last: bool = True,
 ) -> EvalResult:
-    """Loss, confusion counts and score histograms on a split (unreadable images skipped, counted)."""
+    """Loss, confusion counts and logit histograms on a split (unreadable images skipped, counted)."""
     model.eval()
     num_classes = model.num_classes
-    probs, ys, total, skipped = [], [], torch.zeros((), device=device), 0
+    outputs, ys, total, skipped = [], [], torch.zeros((), device=device), 0
     loader = make_loader(data, batch_size, seed=None, num_workers=num_workers, pin_memory=device.type == "cuda")
     for images, labels, lost in loader:
         skipped += lost
@@ -176,14 +176,14 @@ def evaluate(
         with _autocast(device, amp):
             logits = model(to_input(images, device, channels_last)).float()
         total += F.cross_entropy(logits, labels.to(device, non_blocking=True), reduction="sum")
-        probs.append(torch.softmax(logits, dim=1).cpu())
+        outputs.append(logits.cpu())  # the score summary needs logits: softmax saturates at 0/1
         ys.append(labels)
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
+    logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, num_classes))
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     return EvalResult(
         loss=float(total) / max(len(y), 1),
         num_examples=len(y),
-        confusion=confusion_matrix(y, p.argmax(axis=1), num_classes),
-        histograms=score_histograms(y, p, bins),
+        confusion=confusion_matrix(y, logits.argmax(axis=1), num_classes),
+        histograms=score_histograms(y, logits),
         skipped=skipped,
     )
