@@ -15,7 +15,8 @@ from common import protocol as P
 from common.config import ModelConfig, PrivacyConfig, RunConfig
 from common.datasets import get_dataset
 from common.privacy import DECLINED, build_model_for, encode_metrics, ledger_path, train_private
-from common.privacy.local_norm import keep_local_norm, local_norm_path, restore_local_norm
+from common.privacy.local_norm import keep_local_norm, local_norm_path, restore_local_norm, scaffold_state_path
+from common.scaffold import ClientState, train_scaffold
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -48,11 +49,14 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
 
-def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "") -> Message:
+def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "",
+           records: dict[str, ArrayRecord] | None = None) -> Message:
     about = {P.SITE_NAME: site.name, P.DATA_KIND: site.data_kind, **({DECLINED: declined} if declined else {})}
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
+    for key, record in (records or {}).items():
+        content[key] = record
     return Message(content=content, reply_to=msg)
 
 
@@ -64,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(P.SERVER_ROUND, 0)) + int(config.get(P.ROUND_OFFSET, 0))
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train")
     seed = cfg.train.seed * 1_000_003 + server_round * 1009 + site.index
+    records: dict[str, ArrayRecord] = {}
     if cfg.privacy.mode == "local":  # a site whose budget is spent declines; the server drops it or stops
         private = train_private(model=model, data=data, cfg=cfg, device=device, seed=seed, site=site.name,
                                 ledger_file=ledger_path(cfg, site.name, context.node_config),
@@ -71,6 +76,12 @@ def train(msg: Message, context: Context) -> Message:
         if private.declined:
             return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
         result, extra = private.train, encode_metrics(private)
+    elif P.SCAFFOLD_C in msg.content.array_records:  # SCAFFOLD: corrected SGD; c_i stays on this site's disk
+        c_i = ClientState(scaffold_state_path(cfg, site.name, context.node_config))
+        result, delta = train_scaffold(model, data, cfg, device, seed=seed, state=c_i, server_round=server_round,
+                                       c_global=msg.content[P.SCAFFOLD_C].to_torch_state_dict(),
+                                       federation=int(config[P.SCAFFOLD_FEDERATION]))
+        extra, records = {}, {P.SCAFFOLD_DELTA: ArrayRecord(delta)}
     else:
         mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
         result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
@@ -82,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.local_norm:  # kept at the site; sent back as received, so never averaged
         state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
                                 msg.content[P.ARRAYS].to_torch_state_dict())
-    return _reply(msg, site, metrics, ArrayRecord(state))
+    return _reply(msg, site, metrics, ArrayRecord(state), records=records)
 
 
 @app.evaluate()

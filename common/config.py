@@ -136,6 +136,7 @@ class TrainConfig(_Section):
     local_epochs: int = Field(1, gt=0, description="local epochs per round")
     batch_size: int = Field(32, gt=0, description="mini-batch size")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum (SCAFFOLD needs 0: plain SGD steps)")
     lr: float = Field(1e-3, gt=0.0, description="learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present")
@@ -149,11 +150,12 @@ class TrainConfig(_Section):
 class FederationConfig(_Section):
     """The Flower strategy and how many sites take part."""
 
-    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed-mean", "krum"] = Field(
-        "fedavg", description="Flower strategy: fedavg, fedprox, fedadam, trimmed-mean, krum"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed-mean", "krum", "scaffold"] = Field(
+        "fedavg", description="strategy: fedavg, fedprox, fedadam, trimmed-mean, krum (Flower's), scaffold (histofed's)"
     )
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx: weight of the proximal term")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam: server learning rate (eta)")
+    scaffold_lr: float = Field(1.0, gt=0.0, description="SCAFFOLD: global step size eta_g on the averaged update (1 = the mean)")
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_malicious: int = Field(0, ge=0, description="krum: number of malicious sites tolerated")
     rounds: int = Field(5, gt=0, description="federated rounds")
@@ -239,6 +241,18 @@ class RunConfig(_Section):
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> RunConfig:
+        if self.federation.strategy != "scaffold":
+            return self
+        if self.privacy.mode != "off":  # clipping and noise break the control-variate algebra
+            raise ValueError(f"federation.strategy=scaffold cannot be combined with privacy.mode='{self.privacy.mode}' "
+                             "(use fedavg or fedprox with differential privacy)")
+        if self.train.optimizer != "sgd" or self.train.momentum != 0.0:  # its c_i update assumes plain SGD steps
+            raise ValueError("federation.strategy=scaffold needs plain SGD: train.optimizer=sgd and train.momentum=0 "
+                             f"(got train.optimizer='{self.train.optimizer}', train.momentum={self.train.momentum:g})")
+        return self
+
     def to_flat(self) -> dict[str, FlatValue]:
         """Flatten to Flower run-config keys such as 'model.hidden-size'."""
         nested = self.model_dump(by_alias=True)
@@ -302,6 +316,8 @@ def _one_line(err: ValidationError, nested: Mapping[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown configuration key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the keys
+        return msg
     if len(loc) == 2:
         given = nested.get(loc[0], {}).get(loc[1], None)
         return f"invalid value for '{key}': {msg} (got {given!r})"

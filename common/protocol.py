@@ -12,11 +12,14 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+SCAFFOLD_C = "scaffold-c"  # train message: the server control variate c (ArrayRecord, parameters only)
+SCAFFOLD_DELTA = "scaffold-delta-c"  # train reply: the site's dc_i (ArrayRecord)
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
+SCAFFOLD_FEDERATION = "scaffold-federation"  # id of the federation the control variates belong to
 ROUND_OFFSET = "round-offset"  # rounds completed before a resume (Flower restarts numbering at 1)
 SITE_NAME = "name"
 DATA_KIND = "data-kind"

@@ -38,6 +38,12 @@ def local_norm_path(cfg: RunConfig, site: str, node_config: Mapping[str, Any] | 
     return ledger.with_name(ledger.stem + ".norm.safetensors")
 
 
+def scaffold_state_path(cfg: RunConfig, site: str, node_config: Mapping[str, Any] | None = None) -> Path:
+    """The site's SCAFFOLD control variate c_i (common.scaffold), beside its norm layers and privacy ledger."""
+    ledger = ledger_path(cfg, site, node_config)
+    return ledger.with_name(ledger.stem + ".scaffold.safetensors")
+
+
 def restore_local_norm(model: nn.Module, path: Path) -> bool:
     """Load the site's own norm layers over the global ones (False on the site's first round: nothing kept yet)."""
     if not path.is_file():
