@@ -37,14 +37,14 @@ def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallab
     return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, torch.device]:
+def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[RunConfig, Site, nn.Module, torch.device]:
     cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
     model = _architecture(cfg.model, cfg.privacy).cpu()
     load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
-    if cfg.privacy.local_norm:  # FedBN: this site's own normalization layers over the global ones
+    if cfg.privacy.local_norm and own_norm:  # FedBN: this site's own normalization layers over the global ones
         restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
@@ -98,9 +98,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
-    """Loss, confusion counts and score histograms on the site's held-out test split."""
-    cfg, site, model, device = _setup(msg, context)
+    """Loss, confusion counts and logit histograms on the site's test split: global model (+ personalised with FedBN)."""
+    cfg, site, model, device = _setup(msg, context, own_norm=False)
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "test")
-    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
-                      channels_last=cfg.train.channels_last)
-    return _reply(msg, site, P.encode_eval(result))
+    run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
+                            channels_last=cfg.train.channels_last)
+    result = run(model)
+    metrics = P.encode_eval(result)
+    if cfg.privacy.local_norm:  # FedBN: the same weights under this site's own norm layers (none yet: the global)
+        own = restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
+        metrics.update(P.encode_eval(run(model) if own else result, prefix=P.PERSONALISED))
+    return _reply(msg, site, metrics)

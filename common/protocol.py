@@ -29,17 +29,26 @@ EVAL_LOSS = "eval-loss"
 CONFUSION = "confusion"
 SCORE_HIST = "logit-hist"  # renamed from "score-hist" (256 linear probability bins): an older site is refused
 SKIPPED = "skipped-images"
+PERSONALISED = "personalised/"  # prefix of the evaluation counts of a site's personalised model (FedBN)
 
 
-def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:
-    """Flatten an evaluation into MetricRecord-compatible values (counts only)."""
+def encode_eval(result: EvalResult, prefix: str = "") -> dict[str, int | float | list[int]]:
+    """Flatten an evaluation into MetricRecord-compatible values (counts only), keys prefixed (e.g. PERSONALISED)."""
     return {
-        EVAL_LOSS: float(result.loss),
-        NUM_EXAMPLES: int(result.num_examples),
-        CONFUSION: [int(v) for v in result.confusion.ravel()],
-        SCORE_HIST: [int(v) for v in result.histograms.ravel()],
-        SKIPPED: int(result.skipped),
+        prefix + EVAL_LOSS: float(result.loss),
+        prefix + NUM_EXAMPLES: int(result.num_examples),
+        prefix + CONFUSION: [int(v) for v in result.confusion.ravel()],
+        prefix + SCORE_HIST: [int(v) for v in result.histograms.ravel()],
+        prefix + SKIPPED: int(result.skipped),
     }
+
+
+def decode_eval(metrics: dict, num_classes: int, prefix: str = "") -> EvalResult:
+    """The EvalResult a site encoded with encode_eval (same prefix); malformed counts raise ValueError."""
+    counts = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    confusion, hist = decode_counts(counts, num_classes)
+    return EvalResult(loss=float(counts[EVAL_LOSS]), num_examples=int(counts[NUM_EXAMPLES]), confusion=confusion,
+                      histograms=hist, skipped=int(counts.get(SKIPPED, 0)))
 
 
 def decode_counts(metrics: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
