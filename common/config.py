@@ -45,6 +45,7 @@ class ModelConfig(_Section):
     hidden_size: int = Field(128, gt=0, description="GRU hidden size")
     bidirectional: bool = Field(True, description="bidirectional GRU")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
+    norm: Literal["batch", "group"] = Field("batch", description="hybrid's backbone normalisation: batch (BatchNorm), or group (GroupNorm: no running statistics)")
     image_size: int = Field(64, ge=32, le=1024, description="square input size in pixels")
     pretrained: bool = Field(False, description="load backbone weights from pretrained-path")
     pretrained_path: str = Field("", description="LOCAL .safetensors/.pth file; never downloaded")
@@ -66,6 +67,8 @@ class ModelConfig(_Section):
             raise ValueError(f"{self.architecture} needs model.image-size >= {spec.min_image_size}")
         if self.architecture != "hybrid" and (self.pretrained or self.pretrained_path):
             raise ValueError("pretrained weights are supported for the hybrid's backbone only")
+        if self.architecture != "hybrid" and self.norm != "batch":
+            raise ValueError("model.norm=group is supported for the hybrid only")
         return self
 
     @model_validator(mode="after")

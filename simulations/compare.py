@@ -112,8 +112,8 @@ def _check_adabn(opts: CompareOptions, base: RunConfig) -> None:
     for name in opts.models:
         cfg = base.override({"model.architecture": name})
         if not has_norm_statistics(build_model_for(cfg.model, cfg.privacy, load_pretrained=False)):
-            culprit = f"privacy.mode='{cfg.privacy.mode}' (GroupNorm model)" if cfg.privacy.mode != "off" \
-                else f"model.architecture='{name}'"
+            culprit = (f"privacy.mode='{cfg.privacy.mode}' (GroupNorm model)" if cfg.privacy.mode != "off"
+                       else "model.norm='group'" if cfg.model.norm == "group" else f"model.architecture='{name}'")
             raise ConfigError(f"--adabn needs BatchNorm running statistics, and {culprit} has none")
 
 

@@ -77,3 +77,19 @@ def test_no_usable_image_leaves_the_statistics_as_they_were(tiny_cfg) -> None:
     with pytest.raises(ValueError, match="no batch of 2"):
         adapt_batchnorm(model, _images(1, 0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_group_norm_hybrid_has_no_running_statistics_and_trains(tiny_cfg) -> None:
+    from common.adabn import has_norm_statistics
+
+    cfg = tiny_cfg.override({"model.norm": "group"})
+    model = build_model(cfg.model)
+    assert not has_norm_statistics(model) and not list(model.buffers())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.backbone.parameters())
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.norm=group is supported for the hybrid only"):
+        tiny_cfg.override({"model.norm": "group", "model.architecture": "alexnet", "model.image-size": 64})

@@ -61,3 +61,9 @@ def test_bad_strategy_and_adabn_input_is_one_line_exit_2(tmp_path: Path, args: l
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+def test_adabn_on_the_group_norm_hybrid_names_model_norm(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["compare", "synthetic-tiny", "--adabn", "--holdout", "0", "--set", "model.norm=group",
+                                      "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "model.norm='group'" in result.output, result.output
