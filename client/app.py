@@ -19,7 +19,9 @@ from common.model import build_model_for
 from common.privacy.ledger import ledger_path
 from common.privacy.modes import privacy_mode
 from common.privacy.monitor import DECLINED, encode_metrics
+from common.scaffold import ClientState, train_scaffold
 from common.seeds import site_seed
+from common.site_state import state_path
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client.site import Site, node_view
@@ -40,23 +42,26 @@ def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallab
     return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, torch.device]:
+def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[RunConfig, Site, nn.Module, torch.device]:
     cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
     model = _architecture(cfg.model, cfg.privacy).cpu()
     load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
-    if cfg.federation.local_norm:  # FedBN: this site's own normalization layers over the global ones
+    if cfg.federation.local_norm and own_norm:  # FedBN: this site's own normalization layers over the global ones
         restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
 
-def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "") -> Message:
+def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "",
+           records: dict[str, ArrayRecord] | None = None) -> Message:
     about = {P.SITE_NAME: site.name, P.DATA_KIND: site.data_kind, **({DECLINED: declined} if declined else {})}
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
+    for key, record in (records or {}).items():
+        content[key] = record
     return Message(content=content, reply_to=msg)
 
 
@@ -68,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(P.SERVER_ROUND, 0))  # the run's true round (the server numbers across resumes)
     data = load_site(cfg, site.index, "train")
     seed = site_seed(cfg.train.seed, server_round, site.index)
+    records: dict[str, ArrayRecord] = {}
     if cfg.privacy.spec.local:  # a site whose budget is spent declines; the server drops it or stops
         from common.privacy.trainer import train_private  # Opacus is imported only for DP-SGD sites
 
@@ -77,6 +83,12 @@ def train(msg: Message, context: Context) -> Message:
         if private.declined:
             return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
         result, extra = private.train, encode_metrics(private)
+    elif P.SCAFFOLD_C in msg.content.array_records:  # SCAFFOLD: corrected SGD; c_i stays on this site's disk
+        c_i = ClientState(state_path(cfg, site.name, "scaffold", context.node_config))
+        result, delta = train_scaffold(model, data, cfg, device, seed=seed, state=c_i, server_round=server_round,
+                                       c_global=msg.content[P.SCAFFOLD_C].to_torch_state_dict(),
+                                       federation=int(config[P.SCAFFOLD_FEDERATION]))
+        extra, records = {}, {P.SCAFFOLD_DELTA: ArrayRecord(delta)}
     else:
         mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
         result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
@@ -88,14 +100,19 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.local_norm:  # kept at the site; sent back as received, so never averaged
         state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
                                 msg.content[P.ARRAYS].to_torch_state_dict())
-    return _reply(msg, site, metrics, ArrayRecord(state))
+    return _reply(msg, site, metrics, ArrayRecord(state), records=records)
 
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
-    """Loss, confusion counts and score histograms on the site's held-out test split."""
-    cfg, site, model, device = _setup(msg, context)
+    """Loss, confusion counts and logit histograms on the site's test split: global model (+ personalised with FedBN)."""
+    cfg, site, model, device = _setup(msg, context, own_norm=False)
     data = load_site(cfg, site.index, "test")
-    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
-                      channels_last=cfg.train.channels_last)
-    return _reply(msg, site, P.encode_eval(result))
+    run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
+                            channels_last=cfg.train.channels_last)
+    result = run(model)
+    metrics = P.encode_eval(result)
+    if cfg.federation.local_norm:  # FedBN: the same weights under this site's own norm layers (none yet: the global)
+        own = restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
+        metrics.update(P.encode_eval(run(model) if own else result, prefix=P.PERSONALISED))
+    return _reply(msg, site, metrics)

@@ -45,6 +45,7 @@ class ModelConfig(_Section):
     hidden_size: int = Field(128, gt=0, description="GRU hidden size")
     bidirectional: bool = Field(True, description="bidirectional GRU")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
+    norm: Literal["batch", "group"] = Field("batch", description="hybrid's backbone normalisation: batch (BatchNorm), or group (GroupNorm: no running statistics)")
     image_size: int = Field(64, ge=32, le=1024, description="square input size in pixels")
     pretrained: bool = Field(False, description="load backbone weights from pretrained-path")
     pretrained_path: str = Field("", description="LOCAL .safetensors/.pth file; never downloaded")
@@ -66,6 +67,8 @@ class ModelConfig(_Section):
             raise ValueError(f"{self.architecture} needs model.image-size >= {spec.min_image_size}")
         if self.architecture != "hybrid" and (self.pretrained or self.pretrained_path):
             raise ValueError("pretrained weights are supported for the hybrid's backbone only")
+        if self.architecture != "hybrid" and self.norm != "batch":
+            raise ValueError("model.norm=group is supported for the hybrid only")
         return self
 
     @model_validator(mode="after")
@@ -136,6 +139,7 @@ class TrainConfig(_Section):
     local_epochs: int = Field(1, gt=0, description="local epochs per round")
     batch_size: int = Field(32, gt=0, description="mini-batch size")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum (SCAFFOLD needs 0: plain SGD steps)")
     lr: float = Field(1e-3, gt=0.0, description="learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present")
@@ -149,11 +153,12 @@ class TrainConfig(_Section):
 class FederationConfig(_Section):
     """The Flower strategy and how many sites take part."""
 
-    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed-mean", "krum"] = Field(
-        "fedavg", description="Flower strategy: fedavg, fedprox, fedadam, trimmed-mean, krum"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed-mean", "krum", "scaffold"] = Field(
+        "fedavg", description="strategy: fedavg, fedprox, fedadam, trimmed-mean, krum (Flower's), scaffold (histofed's)"
     )
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx: weight of the proximal term")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam: server learning rate (eta)")
+    scaffold_lr: float = Field(1.0, gt=0.0, description="SCAFFOLD: global step size eta_g on the averaged update (1 = the mean)")
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_malicious: int = Field(0, ge=0, description="krum: number of malicious sites tolerated")
     rounds: int = Field(5, gt=0, description="federated rounds")
@@ -241,6 +246,18 @@ class RunConfig(_Section):
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> RunConfig:
+        if self.federation.strategy != "scaffold":
+            return self
+        if self.privacy.spec.private:  # clipping and noise break the control-variate algebra
+            raise ValueError(f"federation.strategy=scaffold cannot be combined with privacy.mode='{self.privacy.mode}' "
+                             "(use fedavg or fedprox with differential privacy)")
+        if self.train.optimizer != "sgd" or self.train.momentum != 0.0:  # its c_i update assumes plain SGD steps
+            raise ValueError("federation.strategy=scaffold needs plain SGD: train.optimizer=sgd and train.momentum=0 "
+                             f"(got train.optimizer='{self.train.optimizer}', train.momentum={self.train.momentum:g})")
+        return self
+
     def to_flat(self) -> dict[str, FlatValue]:
         """Flatten to Flower run-config keys such as 'model.hidden-size'."""
         nested = self.model_dump(by_alias=True)
@@ -311,6 +328,8 @@ def _one_line(err: ValidationError, nested: Mapping[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         return unknown_key(key)
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the keys
+        return msg
     if len(loc) == 2:
         given = nested.get(loc[0], {}).get(loc[1], None)
         return f"invalid value for '{key}': {msg} (got {given!r})"

@@ -1,9 +1,9 @@
-"""Classification metrics from pooled confusion counts and score histograms (sum over sites, never average ratios).
+"""Classification metrics from pooled confusion counts and logit histograms (sum over sites, never average ratios).
 
 Sites send counts, not ratios: a K x K confusion matrix (rows true, columns predicted) and, for
-AUC, per-class histograms of predicted probabilities for positives and negatives. Counts add up
+AUC, per-class histograms of the one-vs-rest log-odds of positives and negatives. Counts add up
 exactly across hospitals, so global metrics equal those on the union of all test sets (with
-scores quantised to `bins` levels for AUC). Undefined ratios (0/0) are 0, as scikit-learn's
+scores binned for AUC; see `logit_bins`). Undefined ratios (0/0) are 0, as scikit-learn's
 `zero_division=0`; AUC is NaN when a class has no positives or no negatives.
 """
 
@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_BINS = 256
+# The AUC score summary. Scores are one-vs-rest log-odds z_k = log p_k - log(1 - p_k), computed from the
+# logits (never from rounded probabilities: softmax saturates at exactly 0/1 for confident models). Bins are
+# uniform in asinh(z): ~0.01 wide around z = 0, 0.7 % of |z| in the tails, covering |z| <= 1e4, plus an
+# underflow and an overflow bin. tests/test_metrics.py holds it within 0.005 of scikit-learn's exact AUC on
+# confident, separable and random sets (binary, 8-class macro and per class).
+LOGIT_BINS = 2048  # interior bins
+LOGIT_LIMIT = 1e4  # |log-odds| covered by the interior bins
+HIST_BINS = LOGIT_BINS + 2  # + underflow (index 0) and overflow (index -1)
+_ASINH_LIMIT = float(np.arcsinh(LOGIT_LIMIT))
 METRIC_NAMES = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "auc")
 
 
@@ -25,21 +33,42 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def quantize(probs: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """Bin index of each probability in [0, 1]."""
-    return np.clip((np.asarray(probs) * bins).astype(np.int64), 0, bins - 1)
+def one_vs_rest_logits(logits: np.ndarray) -> np.ndarray:
+    """N x K log-odds log p_k - log(1 - p_k) = l_k - logsumexp_{j != k} l_j, in float64 (stable for any logits)."""
+    z = np.asarray(logits, dtype=np.float64)
+    k = z.shape[1]
+    others = np.where(np.eye(k, dtype=bool)[None], -np.inf, z[:, None, :])  # N x K x K, row k without class k
+    top = others.max(axis=2, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    lse = top[..., 0] + np.log(np.exp(others - top).sum(axis=2))
+    return z - lse
 
 
-def score_histograms(y_true: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """K x 2 x bins counts: [k, 1] positives' P(class k) histogram, [k, 0] negatives'."""
+def logit_bins(log_odds: np.ndarray) -> np.ndarray:
+    """Histogram bin of each log-odds value (0 = underflow, HIST_BINS - 1 = overflow); monotone in the score."""
+    z = np.nan_to_num(np.asarray(log_odds, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)  # NaN: middle
+    u = (np.arcsinh(z) + _ASINH_LIMIT) / (2 * _ASINH_LIMIT) * LOGIT_BINS
+    return np.clip(np.floor(u), -1, LOGIT_BINS).astype(np.int64) + 1
+
+
+def bin_edges() -> np.ndarray:
+    """The LOGIT_BINS + 1 log-odds edges of the interior bins (bin i + 1 holds edges[i] <= z < edges[i + 1])."""
+    return np.sinh(np.linspace(-_ASINH_LIMIT, _ASINH_LIMIT, LOGIT_BINS + 1))
+
+
+def score_histograms(y_true: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """K x 2 x HIST_BINS counts of one-vs-rest log-odds: [k, 1] positives of class k, [k, 0] negatives."""
     y_true = np.asarray(y_true, dtype=np.int64)
-    num_classes = probs.shape[1]
-    out = np.zeros((num_classes, 2, bins), dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
+    num_classes = logits.shape[1]
+    out = np.zeros((num_classes, 2, HIST_BINS), dtype=np.int64)
+    if not len(y_true):
+        return out
+    bins = logit_bins(one_vs_rest_logits(logits))
     for k in range(num_classes):
-        q = quantize(probs[:, k], bins)
         pos = y_true == k
-        out[k, 1] = np.bincount(q[pos], minlength=bins)
-        out[k, 0] = np.bincount(q[~pos], minlength=bins)
+        out[k, 1] = np.bincount(bins[pos, k], minlength=HIST_BINS)
+        out[k, 0] = np.bincount(bins[~pos, k], minlength=HIST_BINS)
     return out
 
 
@@ -50,6 +79,21 @@ def auc_from_histogram(neg: np.ndarray, pos: np.ndarray) -> float:
         return float("nan")
     below = np.concatenate([[0], np.cumsum(neg)[:-1]])  # negatives in strictly lower bins
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def roc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve (fpr, tpr), from (0, 0) to (1, 1), thresholds at the bin edges from the highest score down.
+
+    Its trapezoidal area equals auc_from_histogram (ties within a bin are a straight segment). NaN if a side is empty.
+    """
+    neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return np.array([np.nan]), np.array([np.nan])
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1]) / n_neg])
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1]) / n_pos])
+    keep = np.concatenate([[True], (neg[::-1] + pos[::-1]) > 0])  # empty bins add no point
+    return fpr[keep], tpr[keep]
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -101,6 +101,10 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     )
     if load_pretrained and (cfg.pretrained or cfg.pretrained_path):
         _load_backbone_weights(backbone, Path(cfg.pretrained_path))
+    if cfg.norm == "group":
+        from common.norms import to_group_norm
+
+        to_group_norm(backbone)
     return HybridEffNetGRU(
         backbone,
         list(backbone.feature_info.channels()),

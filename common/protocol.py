@@ -4,48 +4,62 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics import EvalResult
+from common.metrics import HIST_BINS, EvalResult
 
 # RecordDict keys
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+SCAFFOLD_C = "scaffold-c"  # train message: the server control variate c (ArrayRecord, parameters only)
+SCAFFOLD_DELTA = "scaffold-delta-c"  # train reply: the site's dc_i (ArrayRecord)
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
+SCAFFOLD_FEDERATION = "scaffold-federation"  # id of the federation the control variates belong to
 SITE_NAME = "name"
 DATA_KIND = "data-kind"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 CONFUSION = "confusion"
-SCORE_HIST = "score-hist"
+SCORE_HIST = "logit-hist"  # renamed from "score-hist" (256 linear probability bins): an older site is refused
 SKIPPED = "skipped-images"
+PERSONALISED = "personalised/"  # prefix of the evaluation counts of a site's personalised model (FedBN)
 
 
-def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:
-    """Flatten an evaluation into MetricRecord-compatible values (counts only)."""
+def encode_eval(result: EvalResult, prefix: str = "") -> dict[str, int | float | list[int]]:
+    """Flatten an evaluation into MetricRecord-compatible values (counts only), keys prefixed (e.g. PERSONALISED)."""
     return {
-        EVAL_LOSS: float(result.loss),
-        NUM_EXAMPLES: int(result.num_examples),
-        CONFUSION: [int(v) for v in result.confusion.ravel()],
-        SCORE_HIST: [int(v) for v in result.histograms.ravel()],
-        SKIPPED: int(result.skipped),
+        prefix + EVAL_LOSS: float(result.loss),
+        prefix + NUM_EXAMPLES: int(result.num_examples),
+        prefix + CONFUSION: [int(v) for v in result.confusion.ravel()],
+        prefix + SCORE_HIST: [int(v) for v in result.histograms.ravel()],
+        prefix + SKIPPED: int(result.skipped),
     }
 
 
+def decode_eval(metrics: dict, num_classes: int, prefix: str = "") -> EvalResult:
+    """The EvalResult a site encoded with encode_eval (same prefix); malformed counts raise ValueError."""
+    counts = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    confusion, hist = decode_counts(counts, num_classes)
+    return EvalResult(loss=float(counts[EVAL_LOSS]), num_examples=int(counts[NUM_EXAMPLES]), confusion=confusion,
+                      histograms=hist, skipped=int(counts.get(SKIPPED, 0)))
+
+
 def decode_counts(metrics: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rebuild the K x K confusion matrix and K x 2 x bins histograms; reject malformed replies."""
+    """Rebuild the K x K confusion matrix and K x 2 x HIST_BINS logit histograms; reject malformed replies."""
+    if CONFUSION not in metrics or SCORE_HIST not in metrics:
+        raise ValueError(f"reply lacks '{CONFUSION}' or '{SCORE_HIST}' counts (a site running an older histofed?)")
     confusion = np.asarray(metrics[CONFUSION], dtype=np.int64)
     hist = np.asarray(metrics[SCORE_HIST], dtype=np.int64)
-    if confusion.size != num_classes**2 or hist.size % (2 * num_classes):
+    if confusion.size != num_classes**2 or hist.size != num_classes * 2 * HIST_BINS:
         raise ValueError(
             f"reply counts do not fit {num_classes} classes "
-            f"(confusion {confusion.size} values, histogram {hist.size})"
+            f"(confusion {confusion.size} values, histogram {hist.size}, expected {num_classes * 2 * HIST_BINS})"
         )
     if (confusion < 0).any() or (hist < 0).any():
         raise ValueError("reply counts must be non-negative")
-    return confusion.reshape(num_classes, num_classes), hist.reshape(num_classes, 2, -1)
+    return confusion.reshape(num_classes, num_classes), hist.reshape(num_classes, 2, HIST_BINS)

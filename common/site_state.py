@@ -1,4 +1,4 @@
-"""A site's own state on its own disk: privacy ledger, FedBN normalization layers (and other per-site algorithm state).
+"""A site's own state on its own disk: privacy ledger, FedBN normalization layers, SCAFFOLD control variates.
 
 Flower starts a fresh ClientApp process for every message in deployment, so whatever a site must keep
 between rounds lives in files. They share one folder: the node config's `privacy.ledger-dir`, else
@@ -22,6 +22,7 @@ NODE_CONFIG_KEY = "privacy.ledger-dir"  # a hospital's node config may name its 
 STATE_FILES: dict[str, str] = {  # kind of state → file suffix after the site's name
     "ledger": ".json",
     "fedbn-norm": ".norm.safetensors",
+    "scaffold": ".scaffold.safetensors",  # SCAFFOLD's client control variate c_i (common.scaffold)
 }
 
 

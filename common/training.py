@@ -16,14 +16,14 @@ from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
 from common.datasets.splits import ArraySplit, SiteSplit, collate_skipping
-from common.metrics import DEFAULT_BINS, EvalResult, confusion_matrix, score_histograms
+from common.metrics import EvalResult, confusion_matrix, score_histograms
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {  # (params, lr, weight decay, momentum)
+    "adamw": lambda params, lr, wd, momentum=0.9: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd, momentum=0.9: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd),
 }
 
 
@@ -35,6 +35,7 @@ class TrainResult:
     num_examples: int
     seconds: float
     skipped: int = 0
+    steps: int = 0  # optimizer steps taken (SCAFFOLD's K)
 
 
 def select_device(name: str) -> torch.device:
@@ -106,12 +107,13 @@ def make_loader(
 
 def train_local(
     model: nn.Module, data: SiteSplit, cfg: TrainConfig, device: torch.device, *, seed: int,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, grad_correction: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train in place for cfg.local_epochs; returns the mean training loss.
 
     proximal_mu > 0 adds FedProx's term mu/2 * ||w - w_global||^2 (Li et al. 2020), w_global being
-    the weights the model holds when called.
+    the weights the model holds when called. grad_correction(model), when given, edits the (unscaled)
+    gradients after every backward pass and before the optimizer step (SCAFFOLD's g - c_i + c).
     """
     if len(data) == 0:
         raise ValueError("cannot train on a site with zero training images")
@@ -119,11 +121,11 @@ def train_local(
     torch.manual_seed(seed)
     model.train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    opt = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay)
+    opt = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     loader = make_loader(data, cfg.batch_size, seed=seed, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda")
-    total, seen, skipped, start = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    total, seen, skipped, steps, start = torch.zeros((), device=device), 0, 0, 0, time.perf_counter()
     for _ in range(cfg.local_epochs):
         for images, labels, lost in loader:
             skipped += lost
@@ -137,25 +139,29 @@ def train_local(
                 loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if grad_correction is not None:
+                scaler.unscale_(opt)  # the correction is in gradient units (a no-op without fp16 scaling)
+                grad_correction(model)
             scaler.step(opt)
+            steps += 1
             scaler.update()
             total += loss.detach().float() * labels.numel()  # stays on the device: no GPU sync per step
             seen += labels.numel()
     if seen == 0:
         raise ValueError(f"no readable training images on this site ({skipped} unreadable)")
     return TrainResult(loss=float(total) / seen, num_examples=len(data), seconds=time.perf_counter() - start,
-                       skipped=skipped // cfg.local_epochs)
+                       skipped=skipped // cfg.local_epochs, steps=steps)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: SiteSplit, device: torch.device, *, batch_size: int = 128, amp: bool = True,
-    num_workers: int = -1, bins: int = DEFAULT_BINS, channels_last: bool = True,
+    num_workers: int = -1, channels_last: bool = True,
 ) -> EvalResult:
-    """Loss, confusion counts and score histograms on a split (unreadable images skipped, counted)."""
+    """Loss, confusion counts and logit histograms on a split (unreadable images skipped, counted)."""
     model.eval()
     num_classes = model.num_classes
-    probs, ys, total, skipped = [], [], torch.zeros((), device=device), 0
+    outputs, ys, total, skipped = [], [], torch.zeros((), device=device), 0
     loader = make_loader(data, batch_size, seed=None, num_workers=num_workers, pin_memory=device.type == "cuda")
     for images, labels, lost in loader:
         skipped += lost
@@ -164,14 +170,14 @@ def evaluate(
         with _autocast(device, amp):
             logits = model(to_input(images, device, channels_last)).float()
         total += F.cross_entropy(logits, labels.to(device, non_blocking=True), reduction="sum")
-        probs.append(torch.softmax(logits, dim=1).cpu())
+        outputs.append(logits.cpu())  # the score summary needs logits: softmax saturates at 0/1
         ys.append(labels)
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
+    logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, num_classes))
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     return EvalResult(
         loss=float(total) / max(len(y), 1),
         num_examples=len(y),
-        confusion=confusion_matrix(y, p.argmax(axis=1), num_classes),
-        histograms=score_histograms(y, p, bins),
+        confusion=confusion_matrix(y, logits.argmax(axis=1), num_classes),
+        histograms=score_histograms(y, logits),
         skipped=skipped,
     )

@@ -10,7 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as P
-from common.metrics import EvalResult, pooled_report
+from common.metrics import pooled_report
 from common.rundir import RunDirectory
 
 
@@ -25,16 +25,21 @@ def _metrics(record: RecordDict) -> MetricRecord:
 
 
 def pool_replies(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
-    """Decode each site's counts from its evaluation reply and pool them (common.metrics.pooled_report)."""
-    per_site = {}
+    """Decode each site's counts from its evaluation reply and pool them (common.metrics.pooled_report).
+
+    Sites with their own normalisation layers (FedBN) also report their personalised model: pooled the
+    same way under "personalised" ({"global", "sites", "confusion"}), beside the global model's.
+    """
+    per_site, personal = {}, {}
     for i, record in enumerate(records):
-        m = _metrics(record)
-        cm, hist = P.decode_counts(dict(m), num_classes)
-        per_site[site_name(record, i)] = EvalResult(
-            loss=float(m[P.EVAL_LOSS]), num_examples=int(m[P.NUM_EXAMPLES]), confusion=cm, histograms=hist,
-            skipped=int(m.get(P.SKIPPED, 0)),
-        )
-    return pooled_report(per_site)
+        m = dict(_metrics(record))
+        per_site[site_name(record, i)] = P.decode_eval(m, num_classes)
+        if P.PERSONALISED + P.CONFUSION in m:
+            personal[site_name(record, i)] = P.decode_eval(m, num_classes, P.PERSONALISED)
+    report = pooled_report(per_site)
+    if personal:
+        report["personalised"] = pooled_report(personal)
+    return report
 
 
 class RoundRecorder:

@@ -15,6 +15,7 @@ from flwr.supercore import log
 from common import protocol as P
 from common.config import FederationConfig, PrivacyConfig
 from common.privacy.accounting import CentralPlan
+from server.scaffold import Scaffold
 
 
 class KeyedAggregation:
@@ -176,6 +177,10 @@ class HistoKrum(KeyedAggregation, Krum):
     """Krum (Blanchard et al. 2017): keeps the update closest to its neighbours."""
 
 
+class HistoScaffold(KeyedAggregation, Scaffold):
+    """SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift; c is checkpointed."""
+
+
 # name → (class, the extra constructor arguments it takes from the federation config)
 STRATEGIES: dict[str, tuple[type[Strategy], Callable[[FederationConfig], dict]]] = {
     "fedavg": (HistoFedAvg, lambda cfg: {}),
@@ -183,8 +188,10 @@ STRATEGIES: dict[str, tuple[type[Strategy], Callable[[FederationConfig], dict]]]
     "fedadam": (HistoFedAdam, lambda cfg: {"eta": cfg.server_lr}),
     "trimmed-mean": (HistoTrimmedMean, lambda cfg: {"beta": cfg.trim_beta}),
     "krum": (HistoKrum, lambda cfg: {"num_malicious_nodes": cfg.krum_malicious}),
+    "scaffold": (HistoScaffold, lambda cfg: {"server_lr": cfg.scaffold_lr, "num_sites": len(cfg.training_sites)}),
 }
-STATE_ATTRIBUTES = ("m_t", "v_t")  # FedAdam's moments: saved with every checkpoint
+# saved with every checkpoint: FedAdam's moments; SCAFFOLD's server control variate and federation id
+STATE_ATTRIBUTES = ("m_t", "v_t", "c_global", "federation_id")
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:

@@ -72,6 +72,7 @@ def compare(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="dataset root on disk")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/compare-<scenario>-<time>)")] = None,
+    adabn: Annotated[bool, typer.Option(help="also score every model at the --holdout hospital after AdaBN (BatchNorm statistics from its unlabeled images)")] = False,
 ) -> None:
     """Pooled vs local-only vs federated, mean ± sd over seeds; writes compare.json and compare.csv."""
     from simulations.compare import MODES, CompareOptions, run_compare
@@ -82,7 +83,7 @@ def compare(
         _fail(f"--seeds must be >= 1 and --modes a subset of {','.join(MODES)} (got {seeds}, '{modes}')")
     options = CompareOptions(
         RunOptions(scenario, rounds, sites, tuple(set_ or ()), data_root), tuple(range(seeds)), chosen_models,
-        chosen_modes, holdout, out_dir,
+        chosen_modes, holdout, out_dir, adabn,
     )
     try:
         summary = run_compare(options, log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))

@@ -9,7 +9,9 @@ import pytest
 from sklearn import metrics as skm
 
 from common import protocol as P
-from common.metrics import DEFAULT_BINS, EvalResult, compute_metrics, confusion_matrix, quantize, score_histograms
+from common.metrics import (
+    HIST_BINS, EvalResult, compute_metrics, confusion_matrix, logit_bins, one_vs_rest_logits, score_histograms,
+)
 
 
 def _probs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -18,8 +20,14 @@ def _probs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def _ours(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Metrics of probabilities p, sent as logits log p (softmax(log p) = p)."""
     k = p.shape[1]
-    return compute_metrics(confusion_matrix(y, p.argmax(1), k), score_histograms(y, p))
+    return compute_metrics(confusion_matrix(y, p.argmax(1), k), score_histograms(y, np.log(p)))
+
+
+def _binned(p: np.ndarray, c: int) -> np.ndarray:
+    """The histogram bin of every example's class-c score: what the server sees."""
+    return logit_bins(one_vs_rest_logits(np.log(p))[:, c])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -36,8 +44,8 @@ def test_binary_metrics_match_sklearn(seed: int) -> None:
     assert ours["iou"] == pytest.approx(skm.jaccard_score(y, pred, zero_division=0))
     assert ours["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     # AUC is exact on the binned scores and close to the unbinned value
-    assert ours["auc"] == pytest.approx(skm.roc_auc_score(y, quantize(p[:, 1])))
-    assert ours["auc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]), abs=0.01)
+    assert ours["auc"] == pytest.approx(skm.roc_auc_score(y, _binned(p, 1)))
+    assert ours["auc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]), abs=0.005)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -57,7 +65,7 @@ def test_eight_class_macro_metrics_match_sklearn(seed: int) -> None:
     per_recall = skm.recall_score(y, pred, average=None, **kw)
     for c in labels:
         assert ours[f"recall/{c}"] == pytest.approx(per_recall[c])
-        assert ours[f"auc/{c}"] == pytest.approx(skm.roc_auc_score(y == c, quantize(p[:, c])))
+        assert ours[f"auc/{c}"] == pytest.approx(skm.roc_auc_score(y == c, _binned(p, c)))
     spec = [skm.recall_score(y != c, pred != c, zero_division=0) for c in labels]
     assert ours["specificity"] == pytest.approx(np.mean(spec))
     assert ours["auc"] == pytest.approx(np.mean([ours[f"auc/{c}"] for c in labels]))
@@ -83,7 +91,7 @@ def test_one_class_only_and_perfect() -> None:
 
 
 def test_empty_counts_do_not_crash() -> None:
-    ours = compute_metrics(np.zeros((2, 2), dtype=int), np.zeros((2, 2, DEFAULT_BINS), dtype=int))
+    ours = compute_metrics(np.zeros((2, 2), dtype=int), np.zeros((2, 2, HIST_BINS), dtype=int))
     assert ours["accuracy"] == 0.0 and ours["support"] == 0.0 and math.isnan(ours["auc"])
 
 
@@ -101,7 +109,7 @@ def test_pooled_counts_differ_from_averaged_ratios_and_server_uses_pooled() -> N
         y = np.repeat([0, 0, 1, 1], [cm[0, 0], cm[0, 1], cm[1, 0], cm[1, 1]])
         p = np.repeat(np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]]),
                       [cm[0, 0], cm[0, 1], cm[1, 0], cm[1, 1]], axis=0)
-        result = EvalResult(loss=0.5, num_examples=n, confusion=cm, histograms=score_histograms(y, p))
+        result = EvalResult(loss=0.5, num_examples=n, confusion=cm, histograms=score_histograms(y, np.log(p)))
         records.append(RecordDict({P.METRICS: MetricRecord(P.encode_eval(result)),
                                    P.SITE: ConfigRecord({P.SITE_NAME: name})}))
     report = pool_replies(records, num_classes=2)
@@ -117,5 +125,9 @@ def test_pooled_counts_differ_from_averaged_ratios_and_server_uses_pooled() -> N
 def test_malformed_counts_are_rejected() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         P.decode_counts({P.CONFUSION: [1, 2, 3], P.SCORE_HIST: [0] * 4}, num_classes=2)
+    with pytest.raises(ValueError, match="do not fit"):  # the old 256-bin encoding, or any other bin count
+        P.decode_counts({P.CONFUSION: [1, 2, 3, 4], P.SCORE_HIST: [0] * (2 * 2 * 256)}, num_classes=2)
     with pytest.raises(ValueError, match="non-negative"):
-        P.decode_counts({P.CONFUSION: [1, -2, 3, 4], P.SCORE_HIST: [0] * 4}, num_classes=2)
+        P.decode_counts({P.CONFUSION: [1, -2, 3, 4], P.SCORE_HIST: [0] * (2 * 2 * HIST_BINS)}, num_classes=2)
+    with pytest.raises(ValueError, match="older histofed"):
+        P.decode_counts({P.CONFUSION: [1, 2, 3, 4], "score-hist": [0] * 1024}, num_classes=2)

@@ -63,10 +63,10 @@ def get_dataset(name: str) -> DatasetEntry:
         raise KeyError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})") from None
 
 
-def load_site(cfg: RunConfig, site: int, split: str) -> SiteSplit:
-    """One site's split of the configured dataset, with the configured stain pipeline (jitter in training only)."""
+def load_site(cfg: RunConfig, site: int, split: str, *, augment: bool | None = None) -> SiteSplit:
+    """One site's split of the configured dataset with the configured stain pipeline (jitter: training split, or `augment`)."""
     data = get_dataset(cfg.data.dataset).load_split(cfg, site, split)
-    return data.with_transform(stain_transform(cfg.data, train=split == "train"))
+    return data.with_transform(stain_transform(cfg.data, train=split == "train" if augment is None else augment))
 
 
 def data_kind(dataset: str, root: str) -> str:

@@ -9,43 +9,13 @@ weights match by key (`bn1.norm.weight`, ...). The model has no buffers, so noth
 
 from __future__ import annotations
 
-import math
-
 from opacus.layers import DPGRU
 from opacus.validators import ModuleValidator
-from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from common.errors import ConfigError
+from common.norms import group_norm_from
 from common.privacy.grad_sampler import use_fast_convs
-
-MAX_NORM_GROUPS = 32  # GroupNorm groups: gcd(channels, 32) (Wu & He 2018 use 32)
-
-
-class GroupNormAct(nn.Module):
-    """GroupNorm → dropout → activation, the DP replacement of timm's BatchNormAct2d (no running statistics)."""
-
-    def __init__(self, num_channels: int, *, eps: float, drop: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.norm = nn.GroupNorm(math.gcd(num_channels, MAX_NORM_GROUPS), num_channels, eps=eps, affine=True)
-        self.drop = drop
-        self.act = act
-
-    def forward(self, x):  # B x C x H x W → same
-        return self.act(self.drop(self.norm(x)))
-
-
-def _group_norm_from(bn: nn.BatchNorm2d) -> nn.Module:
-    """GroupNorm(+act) keeping the BatchNorm's affine weights (e.g. from a pretrained file); statistics are dropped."""
-    if isinstance(bn, BatchNormAct2d):
-        new: nn.Module = GroupNormAct(bn.num_features, eps=bn.eps, drop=bn.drop, act=bn.act)
-        norm = new.norm
-    else:
-        new = norm = nn.GroupNorm(math.gcd(bn.num_features, MAX_NORM_GROUPS), bn.num_features, eps=bn.eps)
-    if bn.affine:
-        norm.weight.data.copy_(bn.weight.data)
-        norm.bias.data.copy_(bn.bias.data)
-    return new
 
 
 def _gru_from(gru: nn.GRU) -> DPGRU:
@@ -59,7 +29,7 @@ def _gru_from(gru: nn.GRU) -> DPGRU:
 def _replace_children(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, _group_norm_from(child))
+            setattr(module, name, group_norm_from(child))
         elif type(child) is nn.GRU:
             setattr(module, name, _gru_from(child))
         else:

@@ -80,7 +80,7 @@ def dp_sgd(
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)  # restored: the new engine continues where the ledger stands
     model.to(memory_format=torch.contiguous_format).train()  # NCHW: see dp_input
-    opt = OPTIMIZERS[cfg.train.optimizer](model.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    opt = OPTIMIZERS[cfg.train.optimizer](model.parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=_secret_generator(),
                         num_workers=loader_workers(cfg.train.num_workers, data, cuda=device.type == "cuda"),
                         collate_fn=_collate)
