@@ -4,6 +4,7 @@ Federated runs go through Flower (the same `flwr run` path as `flower-sim run`);
 runs use common.nonfederated, i.e. the clients' own training loop, with the same model, data and
 budget (federation.rounds x train.local-epochs passes over each site's data). Every model is then
 evaluated by the same code on the same test splits, so the three columns are comparable.
+Writes compare.json, compare.csv and compare.html (simulations.compare_report).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common.nonfederated import evaluate_on_sites, train_on_sites
 from common.rundir import RunDirectory
 from common.weights import load_weights
 from server.launch import FlowerRunError
+from simulations.compare_report import COMPARE_CSV, COMPARE_HTML, COMPARE_JSON, build_compare_report
 from simulations.planning import RunOptions, make_plan, resolve_config
 from simulations.runner import run_simulation
 
@@ -114,8 +116,13 @@ def run_compare(opts: CompareOptions, log: Callable[[str], None] = print) -> dic
                     runners[mode](cfg, out_dir / f"{model}-{mode}-seed{seed}")
                 )
     summary = summarise(raw, base, opts)
-    (out_dir / "compare.json").write_text(json.dumps(json_safe({"summary": summary, "runs": raw}), indent=1))
-    write_csv(summary, out_dir / "compare.csv")
+    saved = {"summary": summary, "config": base.to_flat(), "runs": raw}
+    (out_dir / COMPARE_JSON).write_text(json.dumps(json_safe(saved), indent=1))
+    write_csv(summary, out_dir / COMPARE_CSV)
+    try:
+        build_compare_report(out_dir)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not lose hours of results (json/csv are written)
+        log(f"warning: {COMPARE_HTML} not written: {err}")
     summary["out-dir"] = str(out_dir)
     return summary
 
