@@ -160,7 +160,7 @@ class RunDirectory:
 
     def write_scores(self, server_round: int, scores: Mapping[str, Any]) -> None:
         """Replace the score histograms (K x 2 x bins, ascending score order) with this round's."""
-        self._write(self.SCORES, {"data-kind": self.data_kind, "round": server_round, **scores})
+        self._write(self.SCORES, {"data-kind": self.data_kind, "round": server_round, **scores}, indent=None)
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
         """Write the global model as safetensors."""
@@ -206,7 +206,7 @@ class RunDirectory:
         """Forget a previous status (a resumed run's old 'completed' must not end the new one)."""
         (self.path / self.STATUS).unlink(missing_ok=True)
 
-    def _write(self, name: str, obj: Mapping[str, Any]) -> None:
+    def _write(self, name: str, obj: Mapping[str, Any], indent: int | None = 2) -> None:
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(json_safe(obj), indent=2))
+        tmp.write_text(json.dumps(json_safe(obj), indent=indent))
         tmp.replace(self.path / name)

@@ -95,7 +95,8 @@ def provenance_html(run: RunDirectory, cfg: RunConfig, flat: dict[str, Any], kin
     out = table(("item", "value"), facts, numeric_from=9)
     partition = run.read_partition()
     if partition.get("sites"):
-        top = ", ".join(f"{k} {v}" for k, v in partition.items() if k != "sites" and not isinstance(v, dict))
+        top = ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in partition.items()
+                        if k != "sites" and not isinstance(v, dict))
         header, rows = partition_rows(partition)
         out += f"<h3>Partition</h3><p class=\"note\">{esc(top)}</p>" + table(header, rows)
     text, rows = privacy_rows(cfg, run.read_privacy())

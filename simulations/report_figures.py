@@ -107,7 +107,7 @@ def plot_roc(scores: Mapping[str, Any], names: Sequence[str], sites: Sequence[st
     pooled = np.asarray(scores.get("global", []), dtype=np.int64)
     if pooled.ndim != 3 or pooled.shape[0] != len(names):
         return None
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    fig, ax = plt.subplots(figsize=(4.3, 3.6))
     ax.plot([0, 1], [0, 1], ":", color="0.6", lw=1, label="chance (AUC 0.500)")
     if len(names) == 2:
         curves = [(f"{GLOBAL}", pooled, "k", 2.2, "-")]
@@ -141,7 +141,7 @@ def plot_sites(record: dict[str, Any], sites: Sequence[str], path: Path, kind: s
     metrics = [m for m in BAR_METRICS if record["global"].get(m) is not None]
     scopes = [(GLOBAL, record["global"], "0.25")] + [
         (s, record["sites"].get(s, {}), c) for s, c in _colours(sites).items()]
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.15 * len(metrics) * max(1, len(scopes)) / 3), 3.3))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.15 * len(metrics) * max(1, len(scopes)) / 3), 2.7))
     width = 0.8 / len(scopes)
     for k, (name, values, colour) in enumerate(scopes):
         ax.bar(np.arange(len(metrics)) + k * width, [values.get(m) or 0 for m in metrics], width, label=name,
@@ -217,6 +217,7 @@ def plot_attention(images: np.ndarray, labels: Sequence[int], heat: np.ndarray, 
     axes[0, 0].set_ylabel("test patch")
     axes[1, 0].set_ylabel("attention contours")
     axes[2, 0].set_ylabel("attention map")
-    fig.colorbar(shown, ax=axes[2, :].tolist(), location="bottom", shrink=0.5, label="attention, relative to the patch's own min .. max")
-    fig.suptitle(f"attention of the final global model ({kind} data); contours enclose the 50 / 20 / 5 % most-attended pixels")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), location="bottom", shrink=0.45, fraction=0.03, pad=0.03,
+                 label="attention map, relative to the patch's own min .. max")
+    fig.suptitle(f"attention of the final global model ({kind} data); contours (cyan, yellow, red) enclose the 50 / 20 / 5 % most-attended pixels")
     return _save(fig, path)

@@ -196,10 +196,21 @@ def _attention(run: RunDirectory, cfg: RunConfig, names: tuple[str, ...], path: 
     model = build_model_for(cfg.model, cfg.privacy, load_pretrained=False)
     load_weights(model, run.load_model())
     split = load_site(cfg, cfg.federation.training_sites[0], "test")
-    picks = [split[i] for i in range(min(count, len(split)))]
+    picks = [split[i] for i in _mixed_classes(split.labels, count)]
     picks = [(img, lab) for img, lab in picks if img is not None]
     if not picks:
         return None
     images = np.stack([img for img, _ in picks])
     heat, probs = attention_maps(model, images)
     return F.plot_attention(images, [lab for _, lab in picks], heat, probs, names, path, kind)
+
+
+def _mixed_classes(labels: np.ndarray, count: int) -> list[int]:
+    """Up to `count` item indices taking each class in turn (the first items of a split are often one class)."""
+    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(int(queue.pop(0)))
+    return sorted(out, key=lambda i: (labels[i], i))

@@ -20,6 +20,7 @@ from simulations.compare import CompareOptions, summarise
 from simulations.compare_report import build_compare_report
 from simulations.planning import RunOptions
 from simulations.run_report import build_report
+from conftest import TINY
 from test_report import _fake_run
 
 SITES = ["synthetic-hospital-0", "synthetic-hospital-1", "synthetic-hospital-2"]
@@ -105,8 +106,10 @@ def _fake_compare(tmp_path: Path, tiny_cfg: RunConfig) -> Path:
     return out
 
 
-@pytest.fixture
-def pages(tmp_path: Path, tiny_cfg: RunConfig) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both run reports (2 classes with patients, 8 without) and a comparison, built once for this module."""
+    tmp_path, tiny_cfg = tmp_path_factory.mktemp("pages"), RunConfig().override(TINY)
     return {
         "binary": build_report(_fake_run(tmp_path, tiny_cfg, sites=3, name="binary")),
         "subtypes": build_report(_fake_run(tmp_path, tiny_cfg, num_classes=8, sites=3, patients=False, name="subtypes")),
