@@ -34,7 +34,7 @@ var images=[].slice.call(document.images).map(function(i){return {alt:i.alt,comp
 var fetched=performance.getEntriesByType('resource').map(function(e){return e.name;});
 var out=document.createElement('pre');out.id='%s';
 out.textContent=JSON.stringify({images:images,fetched:fetched,blocked:blocked,
-height:document.documentElement.scrollHeight,sections:[].slice.call(document.querySelectorAll('section[id]')).map(function(s){return s.id;})});
+height:document.documentElement.scrollHeight,sections:[].slice.call(document.querySelectorAll('section[id]')).map(function(s){return [s.id,s.getBoundingClientRect().top+window.scrollY];})});
 document.body.appendChild(out);},300);});})();</script>""" % RESULT_ID
 
 
@@ -50,7 +50,12 @@ class PageCheck:
     fetched: list[str]  # resource-timing entries other than data: URIs
     blocked: list[str]  # loads the page attempted that were not inline / data:
     height: int
-    sections: list[str]
+    section_tops: dict[str, float]  # section id → CSS pixels from the top of the page, in page order
+
+    @property
+    def sections(self) -> list[str]:
+        """The ids of the page's sections, in order."""
+        return list(self.section_tops)
 
     @property
     def undecoded(self) -> list[str]:
@@ -84,8 +89,8 @@ def _run(args: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def check_page(page: Path, *, timeout: float = 60.0) -> PageCheck:
-    """Open an instrumented copy of the page (beside it, removed after) offline and report what the browser saw."""
+def check_page(page: Path, *, width: int = 1220, timeout: float = 60.0) -> PageCheck:
+    """Open an instrumented copy of the page (beside it, removed after) offline, `width` CSS pixels wide; report what the browser saw."""
     page = Path(page).resolve()
     text = page.read_text(encoding="utf-8")
     head = re.search(r"<head[^>]*>", text, flags=re.IGNORECASE)
@@ -95,7 +100,7 @@ def check_page(page: Path, *, timeout: float = 60.0) -> PageCheck:
     probe = page.with_name(f".check-{page.name}")
     probe.write_text(text[: head.end()] + inject + text[head.end():], encoding="utf-8")
     try:
-        dom = _run(["--virtual-time-budget=15000", "--dump-dom", probe.as_uri()], timeout)
+        dom = _run([f"--window-size={width},900", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri()], timeout)
     finally:
         probe.unlink(missing_ok=True)
     found = re.search(rf'<pre id="{RESULT_ID}">(.*?)</pre>', dom, flags=re.DOTALL)
@@ -104,14 +109,14 @@ def check_page(page: Path, *, timeout: float = 60.0) -> PageCheck:
     seen = json.loads(html.unescape(found.group(1)))
     return PageCheck(
         images=seen["images"], fetched=[u for u in seen["fetched"] if not u.startswith("data:")],
-        blocked=seen["blocked"], height=int(seen["height"]), sections=seen["sections"],
+        blocked=seen["blocked"], height=int(seen["height"]), section_tops={k: float(v) for k, v in seen["sections"]},
     )
 
 
 def screenshot(page: Path, out: Path, *, width: int = 1200, height: int | None = None, timeout: float = 60.0) -> Path:
     """PNG of the page at `width` CSS pixels, as tall as the page (or `height`), rendered offline."""
     page = Path(page).resolve()
-    height = height or check_page(page, timeout=timeout).height
+    height = height or check_page(page, width=width, timeout=timeout).height
     out = Path(out).resolve()
     _run([f"--window-size={width},{height}", "--virtual-time-budget=5000", f"--screenshot={out}", page.as_uri()],
          timeout)

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 COUNT_KEYS = frozenset({"support", "patients", "skipped-images", "images", "examples", "rounds", "seeds", "steps"})
 CSS = """
 :root{--ink:#1d2329;--muted:#5b6670;--line:#d5dbe0;--band:#f3f5f7;--warn:#8a4b00;--warnbg:#fff4e0}
@@ -26,6 +28,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}td.num,td:first
 .headline{display:flex;gap:18px;flex-wrap:wrap;margin:8px 0 4px}.headline div{border:1px solid var(--line);
  border-radius:6px;padding:8px 16px;min-width:190px}.headline b{display:block;font-size:26px}
 .headline span{color:var(--muted);font-size:13px}
+.row{display:flex;gap:14px;flex-wrap:wrap;align-items:flex-start}.row figure{max-width:100%}
 figure{margin:10px 0 18px}figure img{max-width:100%;height:auto;border:1px solid var(--line)}
 figcaption{color:var(--muted);font-size:13px;margin-top:4px}.note{color:var(--muted);font-size:13px}
 code{background:var(--band);padding:0 3px;border-radius:3px}
@@ -74,8 +77,15 @@ def figure(png: Path, base: Path, caption: str) -> str:
     """A figure with the PNG embedded as a data: URI (nothing is fetched) and a link to the file beside the page."""
     rel = png.relative_to(base).as_posix()
     data = base64.b64encode(png.read_bytes()).decode()
-    return (f'<figure><img alt="{esc(rel)}" src="data:image/png;base64,{data}">'
-            f'<figcaption>{esc(caption)} <a href="{esc(rel)}">{esc(rel)}</a></figcaption></figure>')
+    with Image.open(png) as img:
+        width, height = img.size
+    return (f'<figure><img alt="{esc(rel)}" width="{width}" height="{height}" src="data:image/png;base64,{data}">'
+            f'<figcaption style="max-width:{width}px">{esc(caption)} <a href="{esc(rel)}">{esc(rel)}</a></figcaption></figure>')
+
+
+def row(*blocks: str) -> str:
+    """Blocks side by side while the page is wide enough (they wrap below each other otherwise)."""
+    return f'<div class="row">{"".join(blocks)}</div>'
 
 
 def section(anchor: str, title: str, content: str) -> str:

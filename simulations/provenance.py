@@ -30,7 +30,8 @@ def versions() -> dict[str, str]:
 def config_diff(flat: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, default, this run) for every key whose value differs from RunConfig's default."""
     defaults = RunConfig().to_flat()
-    return [(k, defaults.get(k, "—"), v) for k, v in sorted(flat.items()) if defaults.get(k) != v]
+    shown = lambda v: "(empty)" if v == "" else v  # noqa: E731
+    return [(k, shown(defaults.get(k, "—")), shown(v)) for k, v in sorted(flat.items()) if defaults.get(k) != v]
 
 
 def _stamp(run: RunDirectory, name: str) -> str:

@@ -20,7 +20,7 @@ from common.metrics import auc_from_histogram, roc_from_histograms  # noqa: E402
 
 CURVE_METRICS = ("accuracy", "f1", "auc", "specificity", "patient-recognition-rate")
 BAR_METRICS = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "patient-recognition-rate")
-LABELS = {"f1": "F1", "auc": "AUC", "iou": "IoU", "patient-recognition-rate": "patient rec. rate"}
+LABELS = {"f1": "F1", "auc": "AUC", "iou": "IoU", "patient-recognition-rate": "patient rec. rate", "support": "images"}
 GLOBAL = "global (pooled)"
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False})
 
@@ -41,7 +41,7 @@ def _colours(sites: Sequence[str]) -> dict[str, Any]:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legends placed outside the axes
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight" keeps the legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -82,8 +82,8 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     k = len(cm)
-    side = 2.6 + 0.55 * k
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.0, side))
+    side = 2.0 + 0.5 * k
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.0, side + 0.4))
     ticks = [pretty(n) for n in names]
     for ax, values, title, text in (
         (axes[0], cm, "counts", lambda v: f"{int(v):,}"),
@@ -97,7 +97,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
         ax.set_yticks(range(k), ticks)
         ax.set(xlabel="predicted class", ylabel="true class", title=title)
         ax.spines[:].set_visible(False)
-    fig.suptitle(f"final confusion matrix, pooled over sites ({kind} data)")
+    fig.suptitle(f"final confusion matrix, pooled over sites ({kind} data)", y=1.03)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -107,7 +107,7 @@ def plot_roc(scores: Mapping[str, Any], names: Sequence[str], sites: Sequence[st
     pooled = np.asarray(scores.get("global", []), dtype=np.int64)
     if pooled.ndim != 3 or pooled.shape[0] != len(names):
         return None
-    fig, ax = plt.subplots(figsize=(4.3, 3.6))
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
     ax.plot([0, 1], [0, 1], ":", color="0.6", lw=1, label="chance (AUC 0.500)")
     if len(names) == 2:
         curves = [(f"{GLOBAL}", pooled, "k", 2.2, "-")]
@@ -126,7 +126,7 @@ def plot_roc(scores: Mapping[str, Any], names: Sequence[str], sites: Sequence[st
     ax.set(xlabel="false positive rate (1 − specificity)", ylabel="true positive rate (sensitivity)",
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=f"{title}\n({kind} data, round {scores.get('round', '?')})")
     ax.set_aspect("equal")
-    _legend_right(ax)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, fontsize=8, ncol=1 if len(names) == 2 else 2)
     return _save(fig, path)
 
 

@@ -19,7 +19,7 @@ from common.datasets.registry import get_dataset
 from common.metrics import auc_from_histogram
 from common.rundir import RunDirectory
 from simulations import report_figures as F
-from simulations.html_page import esc, figure, fmt, natural_key, page, table
+from simulations.html_page import esc, figure, fmt, natural_key, page, row, table
 from simulations.provenance import provenance_html
 
 HEADLINE = (("accuracy", "image-level accuracy", "support", "images"),
@@ -67,17 +67,16 @@ def build_report(run_dir: Path) -> Path:
         ("summary", "Summary", _headline(final["global"]) + _global_table(final["global"], names)),
         ("sites", "Per site", _site_table(final, history, sites, names, run.read_partition())
          + _class_table(final, sites, names) + fig("sites", "Final-round metrics per site.")),
-        ("figures", "Curves and confusion", fig("curves", "Round 0 is the initial model, before any training.")
-         + fig("confusion", "Rows: true class; columns: predicted class; pooled counts over all sites' test splits.")),
-        ("roc", "ROC", _roc_section(plots["roc"] is not None, fig, scores, names, sites)),
+        ("confusion", "Confusion and ROC", _roc_section(fig, scores, names, sites)),
         ("patients", "Patients", _patient_section(final, fig)),
+        ("curves", "Per round", fig("curves", "Round 0 is the initial model, before any training.")),
         *([("privacy", "Privacy", fig("epsilon", "ε(δ) after each round, per site."))] if plots["epsilon"] else []),
         *([("attention", "Attention", fig("attention", "Test patches of the first training site."))]
           if plots["attention"] else []),
         ("provenance", "Provenance", provenance_html(run, cfg, flat, kind, history)),
     ]
     meta = (f"run directory <code>{esc(run.path)}</code> · {len(history) - 1} round(s) after round 0 · "
-            f"{esc(cfg.data.dataset)} data · classes: {esc(', '.join(names))}")
+            f"{esc(cfg.data.dataset)} data · classes: {esc(', '.join(map(F.pretty, names)))}")
     path = run.file(RunDirectory.REPORT_HTML)
     path.write_text(page("histofed run report", kind, meta, sections))
     return path
@@ -152,11 +151,14 @@ def _class_table(final: dict[str, Any], sites: list[str], names: tuple[str, ...]
     return "<h3>Test images per true class (count and share)</h3>" + table(("scope", *map(F.pretty, names)), rows)
 
 
-def _roc_section(have: bool, fig: Any, scores: dict[str, Any], names: tuple[str, ...], sites: list[str]) -> str:
-    if not have:
-        return '<p class="note">No score histograms in this run directory (written by runs since the ROC report).</p>'
-    text = fig("roc", "From the score histograms the sites send (counts per score bin, never single scores); "
-                      "AUC exact on the binned scores.")
+def _roc_section(fig: Any, scores: dict[str, Any], names: tuple[str, ...], sites: list[str]) -> str:
+    confusion = fig("confusion", "Rows: true class; columns: predicted class; pooled counts over all sites' test splits.")
+    roc = fig("roc", "From the score histograms the sites send (counts per score bin, never single scores); "
+                     "AUC exact on the binned scores.")
+    if not roc:
+        return confusion + ('<p class="note">No score histograms in this run directory (runs write them to '
+                            f"{RunDirectory.SCORES} since the ROC report), so no ROC.</p>")
+    text = row(confusion, roc)
     if len(names) > 2:
         hists = {"global (pooled)": scores.get("global"), **{s: scores.get("sites", {}).get(s) for s in sites}}
         rows = [(F.pretty(n), *(fmt("auc", _auc(h, c)) for h in hists.values())) for c, n in enumerate(names)]

@@ -127,7 +127,9 @@ def test_reports_render_offline_in_chromium_with_every_image_decoded(pages: dict
         for png in pngs:  # the browser decoded each embedded PNG at its real size
             assert widths[png.relative_to(page.parent).as_posix()] == Image.open(png).size[0]
         assert seen.fetched == [] and seen.blocked == [], name
-        assert seen.sections[-1] == "provenance"
+        assert seen.sections == _parse(page).sections and seen.sections[-1] == "provenance"
+        tops = list(seen.section_tops.values())
+        assert tops == sorted(tops) and seen.height > tops[-1]  # laid out top to bottom, none collapsed
 
 
 def test_the_offline_check_sees_fetches_and_broken_images(tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_the_offline_check_sees_fetches_and_broken_images(tmp_path: Path) -> Non
 
 def test_run_report_sections_class_names_site_order_and_formats(pages: dict[str, Path]) -> None:
     binary, subtypes = _parse(pages["binary"]), _parse(pages["subtypes"])
-    assert binary.sections == ["summary", "sites", "figures", "roc", "patients", "attention", "provenance"]
+    assert binary.sections == ["summary", "sites", "confusion", "patients", "curves", "attention", "provenance"]
     assert all(src.startswith("data:image/png;base64,") for src in binary.images)
     text = pages["binary"].read_text()
     assert "SYNTHETIC DATA" in text and all(name in text for name in BINARY)
@@ -154,7 +156,7 @@ def test_run_report_sections_class_names_site_order_and_formats(pages: dict[str,
     header = binary.row("accuracy")  # the global metrics table: one column per metric
     final = dict(zip(header, binary.rows[binary.rows.index(header) + 1]))
     logged = RunDirectory(pages["binary"].parent).history()[-1]["global"]
-    assert final["support"] == "120" and final["patients"] == str(logged["patients"])  # counts, not 120.0000
+    assert final["images"] == "120" and final["patients"] == str(logged["patients"])  # counts, not 120.0000
     assert final["accuracy"] == f"{logged['accuracy']:.3f}"
     assert all(re.fullmatch(r"\d\.\d{3}", final[k]) for k in ("accuracy", "AUC", "patient rec. rate", "loss"))
     assert binary.row("histofed")[1] == metadata.version("histofed") and binary.row("flwr")[1] == metadata.version("flwr")
@@ -177,3 +179,17 @@ def test_compare_report_has_the_figure_the_cross_site_matrix_and_the_table(pages
     assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", cell)
     assert "held-out hospital: synthetic-hospital-2" in pages["compare"].read_text()
     assert len(parsed.images) == 2
+
+
+def test_flower_sim_report_rebuilds_either_page_and_refuses_other_folders(pages: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    for name in ("binary", "compare"):
+        page = pages[name]
+        page.unlink()
+        result = CliRunner().invoke(app, ["report", str(page.parent)])
+        assert result.exit_code == 0 and page.is_file(), result.stdout + result.stderr
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "neither a histofed run directory" in result.stderr
