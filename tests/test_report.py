@@ -12,8 +12,7 @@ from PIL import Image
 from common.attention import attention_maps, overlay
 from common.config import RunConfig
 from common.metrics import EvalResult, patient_summary, pooled_report, pooled_scores, score_histograms
-from common.model import build_model
-from common.weights import save_state_dict
+from common.model import build_model, build_model_for
 from common.rundir import RunDirectory
 from simulations.run_report import build_report
 
@@ -34,7 +33,7 @@ class _Images(HTMLParser):
 
 
 def _fake_run(tmp_path: Path, tiny_cfg: RunConfig, *, num_classes: int = 2, sites: int = 2,
-              patients: bool = True, name: str = "run") -> Path:
+              patients: bool = True, name: str = "run", privacy: bool = False) -> Path:
     """A run directory as a federation writes it (rounds, score histograms, model), without running one."""
     cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / name), "model.num-classes": num_classes,
                              "federation.num-sites": sites})
@@ -51,9 +50,13 @@ def _fake_run(tmp_path: Path, tiny_cfg: RunConfig, *, num_classes: int = 2, site
             sums = patient_summary(rng.integers(0, 6, 40).astype(str), p.argmax(1) == y) if patients else (0, 0.0, None)
             per_site[site] = EvalResult(0.5, 40, cm, score_histograms(y, p, bins=32), 1, *sums)
         train = {s: {"loss": 0.4, "seconds": 1.0, "examples": 16, "skipped-images": 0} for s in names} if rnd else {}
-        run.log_round({"round": rnd, **pooled_report(per_site), "train": train})
+        spent = {s: {"epsilon": 0.5 * rnd * (i + 1), "delta": 1e-5} for i, s in enumerate(names)} if privacy and rnd else {}
+        run.log_round({"round": rnd, **pooled_report(per_site), "train": train, **({"privacy": spent} if spent else {})})
+        if spent:
+            run.write_privacy({"mode": cfg.privacy.mode, "budget-epsilon": 8.0, "unit": "one training image",
+                               "sites": {s: {**e, "rounds": [{"round": rnd, **e}]} for s, e in spent.items()}})
         run.write_scores(rnd, pooled_scores(per_site))
-    save_state_dict(build_model(cfg.model).state_dict(), run.path / "model.safetensors")
+    run.save_model({k: v.detach().clone() for k, v in build_model_for(cfg.model, cfg.privacy).state_dict().items()})
     run.write_status("completed")
     return run.path
 

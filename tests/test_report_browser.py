@@ -193,3 +193,16 @@ def test_flower_sim_report_rebuilds_either_page_and_refuses_other_folders(pages:
         assert result.exit_code == 0 and page.is_file(), result.stdout + result.stderr
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "neither a histofed run directory" in result.stderr
+
+
+def test_a_private_run_reports_its_mode_and_epsilon_per_site(tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    run = _fake_run(tmp_path, tiny_cfg.override({"privacy.mode": "local"}), sites=3, patients=False, privacy=True)
+    page = build_report(run)
+    parsed = _parse(page)
+    assert "privacy" in parsed.sections and (run / "report" / "epsilon.png").is_file()
+    logged = RunDirectory(run).read_privacy()["sites"]
+    header = next(r for r in parsed.rows if r[:2] == ["site", "ε spent"])
+    table_rows = parsed.rows[parsed.rows.index(header) + 1:][: len(SITES)]
+    assert [r[0] for r in table_rows] == SITES
+    assert [r[1] for r in table_rows] == [f"{logged[s]['epsilon']:.3f}" for s in SITES]  # ε per site, 3 decimals
+    assert "DP-SGD" in page.read_text()
