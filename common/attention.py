@@ -28,3 +28,13 @@ def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.6) -> np.nd
     alpha = (strength * norm)[..., None]
     red = np.array([255.0, 0.0, 0.0])
     return ((1 - alpha) * image.astype(np.float64) + alpha * red).clip(0, 255).astype(np.uint8)
+
+
+def contour_levels(heat: np.ndarray, quantiles: tuple[float, ...] = (0.5, 0.8, 0.95)) -> list[float]:
+    """Attention values whose contours enclose the top 50 / 20 / 5 % of pixels (strictly increasing; [] if flat)."""
+    levels = np.quantile(np.asarray(heat, dtype=np.float64), quantiles)
+    out: list[float] = []
+    for level in levels:
+        if level > heat.min() and level < heat.max() and (not out or level > out[-1]):
+            out.append(float(level))
+    return out

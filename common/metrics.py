@@ -24,6 +24,7 @@ LOGIT_BINS = 2048  # interior bins
 LOGIT_LIMIT = 1e4  # |log-odds| covered by the interior bins
 HIST_BINS = LOGIT_BINS + 2  # + underflow (index 0) and overflow (index -1)
 _ASINH_LIMIT = float(np.arcsinh(LOGIT_LIMIT))
+PATIENT_BINS = 10  # per-patient accuracy histogram: [0, 0.1), ..., [0.9, 1.0]
 METRIC_NAMES = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "auc")
 
 
@@ -82,18 +83,36 @@ def auc_from_histogram(neg: np.ndarray, pos: np.ndarray) -> float:
 
 
 def roc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve (fpr, tpr), from (0, 0) to (1, 1), thresholds at the bin edges from the highest score down.
+    """ROC points (fpr, tpr) from binned scores, bins in ascending score order (any binning).
 
-    Its trapezoidal area equals auc_from_histogram (ties within a bin are a straight segment). NaN if a side is empty.
+    The threshold sweeps from the top bin down; a bin's negatives and positives enter together, so
+    tied scores give one straight segment (scikit-learn's roc_curve with drop_intermediate=False on the
+    binned scores). Starts at (0, 0), ends at (1, 1); empty bins add no point. A side without samples is NaN.
     """
     neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
-    n_pos, n_neg = pos.sum(), neg.sum()
-    if n_pos == 0 or n_neg == 0:
-        return np.array([np.nan]), np.array([np.nan])
-    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1]) / n_neg])
-    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1]) / n_pos])
-    keep = np.concatenate([[True], (neg[::-1] + pos[::-1]) > 0])  # empty bins add no point
-    return fpr[keep], tpr[keep]
+    keep = (neg + pos)[::-1] > 0
+    cum_neg = np.concatenate([[0.0], np.cumsum(neg[::-1])[keep]])
+    cum_pos = np.concatenate([[0.0], np.cumsum(pos[::-1])[keep]])
+    n_neg, n_pos = neg.sum(), pos.sum()
+    fpr = cum_neg / n_neg if n_neg > 0 else np.full_like(cum_neg, np.nan)
+    tpr = cum_pos / n_pos if n_pos > 0 else np.full_like(cum_pos, np.nan)
+    return fpr, tpr
+
+
+def patient_summary(patients: np.ndarray, correct: np.ndarray, bins: int = PATIENT_BINS) -> tuple[int, float, np.ndarray]:
+    """Per-patient sums of one site: (patients, sum over patients of their share of correct images, histogram).
+
+    The patient recognition rate (Spanhol et al. 2016) is the sum divided by the patients, pooled over
+    sites; only these counts leave a site, never a patient identifier. The histogram counts patients per
+    accuracy bin [i/bins, (i+1)/bins), the last bin closed (accuracy 1.0).
+    """
+    ids, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    if ids.size == 0:
+        return 0, 0.0, np.zeros(bins, dtype=np.int64)
+    images = np.bincount(inverse)
+    right = np.bincount(inverse, weights=np.asarray(correct, dtype=np.int64)).astype(np.int64)
+    which = np.minimum(right * bins // images, bins - 1)  # integer arithmetic: 3/10 lands in bin 3, not 2
+    return int(ids.size), float((right / images).sum()), np.bincount(which, minlength=bins).astype(np.int64)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -156,16 +175,26 @@ class EvalResult:
     confusion: np.ndarray  # K x K
     histograms: np.ndarray  # K x 2 x bins
     skipped: int = 0
+    patients: int = 0  # patient-level sums (patient_summary); 0 when the split has no patient identifiers
+    patient_score_sum: float = 0.0
+    patient_hist: np.ndarray | None = None  # PATIENT_BINS counts of per-patient accuracy
 
 
 def pooled_report(per_site: Mapping[str, EvalResult]) -> dict[str, Any]:
-    """Global metrics from counts SUMMED over sites (never averaged ratios), plus each site's own."""
+    """Global metrics from counts SUMMED over sites (never averaged ratios), plus each site's own.
+
+    Sites also keep their confusion counts; with patient identifiers, global and site records gain the
+    patient recognition rate and `patients`, and each site its per-patient accuracy histogram.
+    """
     sites: dict[str, Any] = {}
     total_cm = total_hist = None
-    loss_sum, n_sum = 0.0, 0
+    loss_sum, n_sum, patients, patient_sum = 0.0, 0, 0, 0.0
     for name, counts in per_site.items():
         sites[name] = {**compute_metrics(counts.confusion, counts.histograms), "loss": float(counts.loss),
-                       "skipped-images": int(counts.skipped)}
+                       "skipped-images": int(counts.skipped), "confusion": np.asarray(counts.confusion).tolist(),
+                       **_patient_fields(counts)}
+        patients += counts.patients
+        patient_sum += counts.patient_score_sum
         total_cm = counts.confusion if total_cm is None else total_cm + counts.confusion
         total_hist = counts.histograms if total_hist is None else total_hist + counts.histograms
         loss_sum += float(counts.loss) * counts.num_examples
@@ -173,4 +202,21 @@ def pooled_report(per_site: Mapping[str, EvalResult]) -> dict[str, Any]:
     if total_cm is None:
         raise ValueError("no site results to pool")
     glob = {**compute_metrics(total_cm, total_hist), "loss": loss_sum / max(n_sum, 1)}
+    if patients:
+        glob.update({"patient-recognition-rate": patient_sum / patients, "patients": patients})
     return {"global": glob, "sites": sites, "confusion": np.asarray(total_cm).tolist()}
+
+
+def _patient_fields(counts: EvalResult) -> dict[str, Any]:
+    if not counts.patients:
+        return {}
+    hist = counts.patient_hist if counts.patient_hist is not None else np.zeros(PATIENT_BINS, dtype=np.int64)
+    return {"patient-recognition-rate": counts.patient_score_sum / counts.patients, "patients": int(counts.patients),
+            "patient-accuracy-hist": np.asarray(hist).tolist()}
+
+
+def pooled_scores(per_site: Mapping[str, EvalResult]) -> dict[str, Any]:
+    """The score histograms of a round (K x 2 x bins, ascending score order): summed over sites, and each site's."""
+    sites = {name: np.asarray(counts.histograms) for name, counts in per_site.items()}
+    total = sum(sites.values()) if sites else np.zeros((0, 2, 0), dtype=np.int64)
+    return {"global": np.asarray(total).tolist(), "sites": {name: h.tolist() for name, h in sites.items()}}

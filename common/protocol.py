@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics import HIST_BINS, EvalResult
+from common.metrics import HIST_BINS, PATIENT_BINS, EvalResult
 
 # RecordDict keys
 ARRAYS = "arrays"
@@ -28,17 +28,38 @@ CONFUSION = "confusion"
 SCORE_HIST = "logit-hist"  # renamed from "score-hist" (256 linear probability bins): an older site is refused
 SKIPPED = "skipped-images"
 PERSONALISED = "personalised/"  # prefix of the evaluation counts of a site's personalised model (FedBN)
+PATIENTS = "patients"  # patient-level sums (no identifiers): count, sum of per-patient accuracies, histogram
+PATIENT_SCORE_SUM = "patient-score-sum"
+PATIENT_HIST = "patient-accuracy-hist"
 
 
 def encode_eval(result: EvalResult, prefix: str = "") -> dict[str, int | float | list[int]]:
-    """Flatten an evaluation into MetricRecord-compatible values (counts only), keys prefixed (e.g. PERSONALISED)."""
-    return {
+    """Flatten an evaluation into MetricRecord values (counts only; patient sums when the split had patients), keys prefixed."""
+    out: dict[str, int | float | list[int]] = {
         prefix + EVAL_LOSS: float(result.loss),
         prefix + NUM_EXAMPLES: int(result.num_examples),
         prefix + CONFUSION: [int(v) for v in result.confusion.ravel()],
         prefix + SCORE_HIST: [int(v) for v in result.histograms.ravel()],
         prefix + SKIPPED: int(result.skipped),
     }
+    if result.patients:
+        hist = result.patient_hist if result.patient_hist is not None else np.zeros(PATIENT_BINS, dtype=np.int64)
+        out.update({prefix + PATIENTS: int(result.patients), prefix + PATIENT_SCORE_SUM: float(result.patient_score_sum),
+                    prefix + PATIENT_HIST: [int(v) for v in np.asarray(hist).ravel()]})
+    return out
+
+
+def decode_patients(metrics: dict) -> dict[str, int | float | np.ndarray]:
+    """EvalResult's patient fields from a reply ({} when it has none); reject sums that cannot be."""
+    if PATIENTS not in metrics:
+        return {}
+    count, score_sum = int(metrics[PATIENTS]), float(metrics[PATIENT_SCORE_SUM])
+    hist = np.asarray(metrics.get(PATIENT_HIST, []), dtype=np.int64)
+    if count < 0 or not 0.0 <= score_sum <= count + 1e-6 or hist.size != PATIENT_BINS or (hist < 0).any() \
+            or int(hist.sum()) != count:
+        raise ValueError(f"reply patient sums are inconsistent ({count} patients, score sum {score_sum}, "
+                         f"histogram of {hist.size} bins summing to {int(hist.sum())})")
+    return {"patients": count, "patient_score_sum": score_sum, "patient_hist": hist}
 
 
 def decode_eval(metrics: dict, num_classes: int, prefix: str = "") -> EvalResult:
@@ -46,7 +67,7 @@ def decode_eval(metrics: dict, num_classes: int, prefix: str = "") -> EvalResult
     counts = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
     confusion, hist = decode_counts(counts, num_classes)
     return EvalResult(loss=float(counts[EVAL_LOSS]), num_examples=int(counts[NUM_EXAMPLES]), confusion=confusion,
-                      histograms=hist, skipped=int(counts.get(SKIPPED, 0)))
+                      histograms=hist, skipped=int(counts.get(SKIPPED, 0)), **decode_patients(counts))
 
 
 def decode_counts(metrics: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ class RunDirectory:
     STRATEGY_STATE = "checkpoint-strategy.safetensors"
     PRIVACY = "privacy.json"
     PARTITION = "partition.json"
+    SCORES = "scores.json"  # the latest evaluated round's score histograms, pooled and per site
     REPORT_HTML = "report.html"
     REPORT_DIR = "report"
     RUN_CONFIG = "run-config.toml"
@@ -144,6 +145,11 @@ class RunDirectory:
         path = self.path / self.PARTITION
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def read_scores(self) -> dict[str, Any]:
+        """The latest evaluated round's score histograms ({} when none were written): round, global, sites."""
+        path = self.path / self.SCORES
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     # ---- writers -----------------------------------------------------------------------------
 
     def log_round(self, record: Mapping[str, Any]) -> None:
@@ -151,6 +157,10 @@ class RunDirectory:
         line = {"data-kind": self.data_kind, "elapsed-s": round(time.time() - self.started, 2), **record}
         with (self.path / self.METRICS).open("a") as fh:
             fh.write(json.dumps(json_safe(line)) + "\n")
+
+    def write_scores(self, server_round: int, scores: Mapping[str, Any]) -> None:
+        """Replace the score histograms (K x 2 x bins, ascending score order) with this round's."""
+        self._write(self.SCORES, {"data-kind": self.data_kind, "round": server_round, **scores}, indent=None)
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
         """Write the global model as safetensors."""
@@ -196,7 +206,7 @@ class RunDirectory:
         """Forget a previous status (a resumed run's old 'completed' must not end the new one)."""
         (self.path / self.STATUS).unlink(missing_ok=True)
 
-    def _write(self, name: str, obj: Mapping[str, Any]) -> None:
+    def _write(self, name: str, obj: Mapping[str, Any], indent: int | None = 2) -> None:
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(json_safe(obj), indent=2))
+        tmp.write_text(json.dumps(json_safe(obj), indent=indent))
         tmp.replace(self.path / name)

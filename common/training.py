@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
-from common.datasets.splits import ArraySplit, SiteSplit, collate_skipping
-from common.metrics import EvalResult, confusion_matrix, score_histograms
+from common.datasets.splits import ArraySplit, IndexedSplit, SiteSplit, collate_indexed, collate_skipping
+from common.metrics import EvalResult, confusion_matrix, patient_summary, score_histograms
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -94,14 +94,16 @@ def loader_workers(requested: int, data: SiteSplit, *, cuda: bool) -> int:
 
 
 def make_loader(
-    data: SiteSplit, batch_size: int, *, seed: int | None, num_workers: int = 0, pin_memory: bool = False
+    data: SiteSplit, batch_size: int, *, seed: int | None, num_workers: int = 0, pin_memory: bool = False,
+    indexed: bool = False,
 ) -> DataLoader:
-    """Batches of (uint8 B x H x W x 3, labels, skipped); shuffled from seed when given; pinned on CUDA."""
+    """Batches of (uint8 B x H x W x 3, labels, skipped[, indices kept when indexed]); shuffled from seed when given; pinned on CUDA."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     workers = loader_workers(num_workers, data, cuda=pin_memory)
     return DataLoader(
-        data, batch_size=batch_size, shuffle=seed is not None, generator=gen, num_workers=workers,
-        pin_memory=pin_memory, collate_fn=collate_skipping, persistent_workers=workers > 0,
+        IndexedSplit(data) if indexed else data, batch_size=batch_size, shuffle=seed is not None, generator=gen,
+        num_workers=workers, pin_memory=pin_memory, collate_fn=collate_indexed if indexed else collate_skipping,
+        persistent_workers=workers > 0,
     )
 
 
@@ -158,13 +160,19 @@ def evaluate(
     model: nn.Module, data: SiteSplit, device: torch.device, *, batch_size: int = 128, amp: bool = True,
     num_workers: int = -1, channels_last: bool = True,
 ) -> EvalResult:
-    """Loss, confusion counts and logit histograms on a split (unreadable images skipped, counted)."""
+    """Loss, confusion counts and logit histograms on a split (unreadable images skipped, counted).
+
+    With patient identifiers (data.patients) also the per-patient sums (patient_summary); no identifier
+    leaves this function.
+    """
     model.eval()
     num_classes = model.num_classes
-    outputs, ys, total, skipped = [], [], torch.zeros((), device=device), 0
-    loader = make_loader(data, batch_size, seed=None, num_workers=num_workers, pin_memory=device.type == "cuda")
-    for images, labels, lost in loader:
+    outputs, ys, kept, total, skipped = [], [], [], torch.zeros((), device=device), 0
+    loader = make_loader(data, batch_size, seed=None, num_workers=num_workers, pin_memory=device.type == "cuda",
+                         indexed=True)
+    for images, labels, lost, index in loader:
         skipped += lost
+        kept.append(index)
         if labels.numel() == 0:
             continue
         with _autocast(device, amp):
@@ -174,10 +182,16 @@ def evaluate(
         ys.append(labels)
     logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, num_classes))
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
+    by_patient = {}
+    if data.patients is not None:
+        read = torch.cat(kept).numpy() if kept else np.zeros(0, dtype=np.int64)  # images that were readable
+        count, score_sum, hist = patient_summary(data.patients[read], logits.argmax(axis=1) == y)
+        by_patient = {"patients": count, "patient_score_sum": score_sum, "patient_hist": hist}
     return EvalResult(
         loss=float(total) / max(len(y), 1),
         num_examples=len(y),
         confusion=confusion_matrix(y, logits.argmax(axis=1), num_classes),
         histograms=score_histograms(y, logits),
         skipped=skipped,
+        **by_patient,
     )

@@ -10,7 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as P
-from common.metrics import pooled_report
+from common.metrics import EvalResult, pooled_report, pooled_scores
 from common.rundir import RunDirectory
 
 
@@ -24,18 +24,22 @@ def _metrics(record: RecordDict) -> MetricRecord:
     return next(iter(record.metric_records.values()))
 
 
+def decode_replies(records: list[RecordDict], num_classes: int, prefix: str = "") -> dict[str, EvalResult]:
+    """Each site's evaluation counts (and patient sums, when it sent them) from its reply, keys under prefix."""
+    return {site_name(record, i): P.decode_eval(dict(_metrics(record)), num_classes, prefix)
+            for i, record in enumerate(records) if prefix + P.CONFUSION in _metrics(record)}
+
+
 def pool_replies(records: list[RecordDict], num_classes: int) -> dict[str, Any]:
     """Decode each site's counts from its evaluation reply and pool them (common.metrics.pooled_report).
 
     Sites with their own normalisation layers (FedBN) also report their personalised model: pooled the
     same way under "personalised" ({"global", "sites", "confusion"}), beside the global model's.
     """
-    per_site, personal = {}, {}
-    for i, record in enumerate(records):
-        m = dict(_metrics(record))
-        per_site[site_name(record, i)] = P.decode_eval(m, num_classes)
-        if P.PERSONALISED + P.CONFUSION in m:
-            personal[site_name(record, i)] = P.decode_eval(m, num_classes, P.PERSONALISED)
+    return _report(decode_replies(records, num_classes), decode_replies(records, num_classes, P.PERSONALISED))
+
+
+def _report(per_site: dict[str, EvalResult], personal: dict[str, EvalResult]) -> dict[str, Any]:
     report = pooled_report(per_site)
     if personal:
         report["personalised"] = pooled_report(personal)
@@ -52,6 +56,7 @@ class RoundRecorder:
         self.train_metrics: dict[str, dict[str, Any]] = {}  # this round's raw train metrics per site
         self._train: dict[str, Any] = {}
         self._eval: dict[str, Any] = {}
+        self._scores: dict[str, Any] = {}
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower train_metrics_aggr_fn: keep per-site loss/time, return the weighted mean."""
@@ -66,7 +71,9 @@ class RoundRecorder:
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Flower evaluate_metrics_aggr_fn: pooled confusion counts → global metrics."""
-        self._eval = pool_replies(records, self.num_classes)
+        per_site = decode_replies(records, self.num_classes)
+        self._eval = _report(per_site, decode_replies(records, self.num_classes, P.PERSONALISED))
+        self._scores = pooled_scores(per_site)
         kinds = {str(r.config_records.get(P.SITE, {}).get(P.DATA_KIND, "")) for r in records}
         if "synthetic" in kinds:  # a site on generated data: say so even if the server cannot see its data
             self.run.mark_synthetic()
@@ -79,8 +86,9 @@ class RoundRecorder:
             return None
         record = {"round": server_round, **self._eval, "train": self._train, **(extra or {})}
         self.run.log_round(record)
+        self.run.write_scores(server_round, self._scores)  # the latest round's score histograms (ROC in the report)
         self.history.append(record)
-        self._train, self._eval, self.train_metrics = {}, {}, {}
+        self._train, self._eval, self._scores, self.train_metrics = {}, {}, {}, {}
         return record
 
 

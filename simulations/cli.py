@@ -74,7 +74,7 @@ def compare(
     out_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/compare-<scenario>-<time>)")] = None,
     adabn: Annotated[bool, typer.Option(help="also score every model at the --holdout hospital after AdaBN (BatchNorm statistics from its unlabeled images)")] = False,
 ) -> None:
-    """Pooled vs local-only vs federated, mean ± sd over seeds; writes compare.json and compare.csv."""
+    """Pooled vs local-only vs federated, mean ± sd over seeds; writes compare.json, compare.csv and compare.html."""
     from simulations.compare import MODES, CompareOptions, run_compare
 
     chosen_modes = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -96,19 +96,21 @@ def compare(
         measured = {f"{r['model']} {r['mode']} (mean of {r['seeds']})": {k: v["mean"] for k, v in r.items() if isinstance(v, dict)}
                     for r in summary["rows"] if r["scope"] == "global"}
         console.print(paper_table(measured, summary["data-kind"]))
-    console.print(f"written: {summary['out-dir']}/compare.json, compare.csv", highlight=False)
+    console.print(f"written: {summary['out-dir']}/compare.json, compare.csv, compare.html", highlight=False)
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `flower-sim run`")]) -> None:
-    """(Re)generate a run directory's report: PNG plots and one self-contained HTML page."""
-    from simulations.run_report import build_report  # matplotlib is imported only for a report
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (`flower-sim run`) or a comparison folder (`flower-sim compare`)")]) -> None:
+    """(Re)generate a report: PNG plots and one self-contained HTML page (report.html, or compare.html for a comparison)."""
+    from simulations.compare_report import COMPARE_JSON, build_compare_report  # matplotlib only for a report
+    from simulations.run_report import build_report
 
-    if not RunDirectory(run_dir).is_run():
-        _fail(f"{run_dir} is not a histofed run directory (no {RunDirectory.CONFIG})")
+    is_compare = (run_dir / COMPARE_JSON).is_file()
+    if not is_compare and not RunDirectory(run_dir).is_run():
+        _fail(f"{run_dir} is neither a histofed run directory (no {RunDirectory.CONFIG}) nor a comparison (no {COMPARE_JSON})")
     try:
-        console.print(f"report: {build_report(run_dir)}", highlight=False)
-    except (ValueError, OSError) as err:
+        console.print(f"report: {(build_compare_report if is_compare else build_report)(run_dir)}", highlight=False)
+    except (ValueError, KeyError, OSError) as err:
         _fail(str(err), 1)
 
 

@@ -8,7 +8,8 @@ evaluated by the same code on the same test splits, so the three columns are com
 With --adabn every model is also evaluated at the held-out hospital after AdaBN (its BatchNorm statistics
 re-estimated on that hospital's unlabeled training images): rows "<mode> + AdaBN". With FedBN
 (federation.local-norm) the federated run also reports each site's personalised model: rows
-"federated (personalised)", read from the server's last round in metrics.jsonl.
+"federated (personalised)", read from the server's last round in the metrics log.
+Writes compare.json, compare.csv and compare.html (simulations.compare_report).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from common.nonfederated import evaluate_on_sites, train_on_sites
 from common.rundir import RunDirectory
 from common.weights import load_weights
 from server.launch import FlowerRunError
+from simulations.compare_report import COMPARE_CSV, COMPARE_HTML, COMPARE_JSON, build_compare_report
 from simulations.planning import RunOptions, make_plan, resolve_config
 from simulations.runner import run_simulation
 
@@ -150,8 +152,13 @@ def run_compare(opts: CompareOptions, log: Callable[[str], None] = print) -> dic
                     runners[mode](cfg, out_dir / f"{model}-{mode}-seed{seed}", opts.adabn)
                 )
     summary = summarise(raw, base, opts)
-    (out_dir / "compare.json").write_text(json.dumps(json_safe({"summary": summary, "runs": raw}), indent=1))
-    write_csv(summary, out_dir / "compare.csv")
+    saved = {"summary": summary, "config": base.to_flat(), "runs": raw}
+    (out_dir / COMPARE_JSON).write_text(json.dumps(json_safe(saved), indent=1))
+    write_csv(summary, out_dir / COMPARE_CSV)
+    try:
+        build_compare_report(out_dir)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not lose hours of results (json/csv are written)
+        log(f"warning: {COMPARE_HTML} not written: {err}")
     summary["out-dir"] = str(out_dir)
     return summary
 

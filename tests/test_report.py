@@ -11,9 +11,8 @@ from PIL import Image
 
 from common.attention import attention_maps, overlay
 from common.config import RunConfig
-from common.metrics import EvalResult, pooled_report, score_histograms
-from common.model import build_model
-from common.weights import save_state_dict
+from common.metrics import EvalResult, patient_summary, pooled_report, pooled_scores, score_histograms
+from common.model import build_model, build_model_for
 from common.rundir import RunDirectory
 from simulations.run_report import build_report
 
@@ -29,24 +28,36 @@ class _Images(HTMLParser):
         if tag == "img":
             self.alts.append(str(a.get("alt")))
             assert str(a.get("src")).startswith("data:image/png;base64,")  # self-contained
-        if tag == "a":
+        if tag == "a" and not str(a.get("href")).startswith("#"):  # contents links stay inside the page
             self.links.append(str(a.get("href")))
 
 
-def _fake_run(tmp_path: Path, tiny_cfg: RunConfig) -> Path:
-    cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / "run")})
+def _fake_run(tmp_path: Path, tiny_cfg: RunConfig, *, num_classes: int = 2, sites: int = 2,
+              patients: bool = True, name: str = "run", privacy: bool = False) -> Path:
+    """A run directory as a federation writes it (rounds, score histograms, model), without running one."""
+    cfg = tiny_cfg.override({"output.run-dir": str(tmp_path / name), "model.num-classes": num_classes,
+                             "federation.num-sites": sites})
     run = RunDirectory.start(cfg, data_kind="synthetic")
     rng = np.random.default_rng(0)
+    names = [f"synthetic-hospital-{i}" for i in range(sites)]
     for rnd in range(3):
         per_site = {}
-        for site in ("synthetic-hospital-0", "synthetic-hospital-1"):
-            y = rng.integers(0, 2, 40)
-            p = rng.random((40, 2))
+        for site in reversed(names):  # replies arrive in any order; the report puts sites in order
+            y = rng.integers(0, num_classes, 40)
+            p = rng.random((40, num_classes)) + 0.7 * rnd * np.eye(num_classes)[y]
             p /= p.sum(1, keepdims=True)
-            cm = np.bincount(y * 2 + p.argmax(1), minlength=4).reshape(2, 2)
-            per_site[site] = EvalResult(0.5, 40, cm, score_histograms(y, p))
-        run.log_round({"round": rnd, **pooled_report(per_site), "train": {}})
-    save_state_dict(build_model(cfg.model).state_dict(), run.path / "model.safetensors")
+            cm = np.bincount(y * num_classes + p.argmax(1), minlength=num_classes**2).reshape(num_classes, num_classes)
+            sums = patient_summary(rng.integers(0, 6, 40).astype(str), p.argmax(1) == y) if patients else (0, 0.0, None)
+            per_site[site] = EvalResult(0.5, 40, cm, score_histograms(y, np.log(p)), 1, *sums)
+        train = {s: {"loss": 0.4, "seconds": 1.0, "examples": 16, "skipped-images": 0} for s in names} if rnd else {}
+        spent = {s: {"epsilon": 0.5 * rnd * (i + 1), "delta": 1e-5} for i, s in enumerate(names)} if privacy and rnd else {}
+        run.log_round({"round": rnd, **pooled_report(per_site), "train": train, **({"privacy": spent} if spent else {})})
+        if spent:
+            run.write_privacy({"mode": cfg.privacy.mode, "budget-epsilon": 8.0, "unit": "one training image",
+                               "sites": {s: {**e, "rounds": [{"round": rnd, **e}]} for s, e in spent.items()}})
+        run.write_scores(rnd, pooled_scores(per_site))
+    run.save_model({k: v.detach().clone() for k, v in build_model_for(cfg.model, cfg.privacy).state_dict().items()})
+    run.write_status("completed")
     return run.path
 
 
@@ -54,7 +65,8 @@ def test_report_files_are_valid_and_referenced(tmp_path: Path, tiny_cfg: RunConf
     run_dir = _fake_run(tmp_path, tiny_cfg)
     page = build_report(run_dir)
     pngs = sorted((run_dir / "report").glob("*.png"))
-    assert {p.name for p in pngs} == {"curves.png", "confusion.png", "sites.png", "attention.png"}
+    assert {p.name for p in pngs} == {"curves.png", "confusion.png", "roc.png", "sites.png", "patients.png",
+                                      "attention.png"}
     for png in pngs:
         with Image.open(png) as img:
             assert img.format == "PNG" and img.size[0] > 100

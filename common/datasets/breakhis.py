@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.classes import SUBTYPES
 from common.datasets.index_cache import cached_index, default_cache_dir
 from common.datasets.patients import SPLITS, deal, patient_classes, split_patients, subsample
 from common.datasets.splits import FileSplit
@@ -48,11 +49,7 @@ __all__ = [
 ]
 
 SUBTYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # = 8-class label index
-SUBTYPE_DIRS: dict[str, str] = {
-    "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
-    "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
-    "PC": "papillary_carcinoma",
-}
+SUBTYPE_DIRS: dict[str, str] = dict(zip(SUBTYPE_CODES, SUBTYPES))  # code → folder = class name
 MALIGNANT: frozenset[str] = frozenset(SUBTYPE_CODES[4:])
 CLASS_DIRS: dict[str, str] = {"B": "benign", "M": "malignant"}
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
@@ -252,6 +249,7 @@ def _file_split(cfg: RunConfig, chosen: list[dict[str, Any]]) -> FileSplit:
     labels = [rec[LABEL_KEYS[cfg.model.num_classes]] for rec in chosen]
     return FileSplit(
         Path(cfg.data.root), [rec["path"] for rec in chosen], labels, cfg.model.image_size, strict=cfg.data.strict,
+        patients=[rec["patient"] for rec in chosen],
     )
 
 

@@ -216,7 +216,7 @@ def _site_records(cfg: RunConfig, site: int, split: str) -> tuple[Path, list[dic
 
 def _file_split(cfg: RunConfig, folder: Path, rows: list[dict[str, Any]]) -> FileSplit:
     return FileSplit(folder, [r["path"] for r in rows], [r["tumor"] for r in rows], cfg.model.image_size,
-                     strict=cfg.data.strict)
+                     strict=cfg.data.strict, patients=[r["patient"] for r in rows])
 
 
 def load_split(cfg: RunConfig, site: int, split: str) -> FileSplit:

@@ -18,10 +18,15 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 
 class SiteSplit(Dataset):
-    """One site's split: item i is (uint8 H x W x 3 image or None if unreadable, label)."""
+    """One site's split: item i is (uint8 H x W x 3 image or None if unreadable, label).
+
+    `patients[i]` is item i's patient identifier when the data has patients (None otherwise); it never
+    leaves the site: evaluation turns it into per-patient sums (common.metrics.patient_summary).
+    """
 
     labels: np.ndarray
     transform: Transform | None = None
+    patients: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -38,10 +43,14 @@ class SiteSplit(Dataset):
 class ArraySplit(SiteSplit):
     """Images already in memory (N x H x W x 3 uint8)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Transform | None = None) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Transform | None = None, *,
+        patients: Sequence[str] | None = None,
+    ) -> None:
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self.patients = _patients(patients, self.labels)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, int]:
         image = self.images[i]
@@ -56,7 +65,7 @@ class FileSplit(SiteSplit):
 
     def __init__(
         self, root: Path, paths: Sequence[str], labels: Sequence[int], image_size: int, *,
-        strict: bool = False, transform: Transform | None = None,
+        strict: bool = False, transform: Transform | None = None, patients: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.paths = list(paths)
@@ -64,6 +73,7 @@ class FileSplit(SiteSplit):
         self.image_size = image_size
         self.strict = strict
         self.transform = transform
+        self.patients = _patients(patients, self.labels)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, int]:
         try:
@@ -74,6 +84,35 @@ class FileSplit(SiteSplit):
             log.warning("skipping unreadable image: %s", err)
             return None, int(self.labels[i])
         return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def _patients(patients: Sequence[str] | None, labels: np.ndarray) -> np.ndarray | None:
+    if patients is None:
+        return None
+    out = np.asarray([str(p) for p in patients])
+    if out.shape != labels.shape:
+        raise ValueError(f"{out.size} patient identifiers for {labels.size} images")
+    return out
+
+
+class IndexedSplit(Dataset):
+    """A split whose item i is (image or None, label, i): evaluation knows which images it read."""
+
+    def __init__(self, data: SiteSplit) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, int]:
+        image, label = self.data[i]
+        return image, label, i
+
+
+def collate_indexed(batch: list[tuple[np.ndarray | None, int, int]]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """collate_skipping for IndexedSplit items, plus the indices of the images kept."""
+    images, labels, skipped = collate_skipping([(img, lab) for img, lab, _ in batch])
+    return images, labels, skipped, torch.tensor([i for img, _, i in batch if img is not None], dtype=torch.int64)
 
 
 def collate_skipping(batch: list[tuple[np.ndarray | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
