@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common import protocol as P
+from common.card import card_for_run
 from common.config import RunConfig
 from common.datasets import data_kind, get_dataset
 from common.privacy import PrivacyBudgetStop, PrivacyMonitor, build_model_for, is_central, plan_central, preflight
@@ -39,6 +40,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
     recorder = RoundRecorder(run, cfg.model.num_classes)
+    run.card_for = lambda done: card_for_run(cfg, data_kind=run.data_kind, history=recorder.history, rounds=done,
+                                             privacy_report=recorder.privacy.report() if recorder.privacy else None)
     strategy = build_strategy(
         cfg.federation,
         train_metrics=recorder.aggregate_train,

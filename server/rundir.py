@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.card import ModelCard, write_model
 from common.config import RunConfig
 from common.weights import read_state_dict, save_state_dict
 
@@ -44,6 +45,7 @@ class RunDirectory:
         self.path = path
         self.data_kind = data_kind
         self.started = time.time()
+        self.card_for: Callable[[int | None], ModelCard] | None = None  # rounds done → model card (set by the ServerApp)
         path.mkdir(parents=True, exist_ok=True)
         if not cfg.output.resume:  # a resumed run keeps its config and the rounds already written
             (path / METRICS_FILE).write_text("")
@@ -63,9 +65,13 @@ class RunDirectory:
         with (self.path / METRICS_FILE).open("a") as fh:
             fh.write(json.dumps(_clean(line)) + "\n")
 
-    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
-        """Write the global model as safetensors."""
-        save_state_dict(state, self.path / MODEL_FILE)
+    def save_model(self, state: Mapping[str, torch.Tensor], card: ModelCard | None = None) -> Path:
+        """Write the global model as safetensors, its model card in the header (given, or from card_for)."""
+        card = card or (self.card_for(None) if self.card_for else None)
+        if card is None:
+            save_state_dict(state, self.path / MODEL_FILE)
+        else:
+            write_model(self.path / MODEL_FILE, state, card)
         return self.path / MODEL_FILE
 
     def mark_synthetic(self) -> None:
@@ -75,11 +81,15 @@ class RunDirectory:
             saved = json.loads((self.path / CONFIG_FILE).read_text())
             self._write(CONFIG_FILE, {**saved, "data-kind": "synthetic"})
 
-    def save_checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
-        """After every round: the global model and the round it completed (written atomically)."""
-        tmp = self.path / f".{CHECKPOINT_MODEL}.tmp"
-        save_state_dict(state, tmp)
-        tmp.replace(self.path / CHECKPOINT_MODEL)
+    def save_checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor], card: ModelCard | None = None) -> None:
+        """After every round: the global model (with its card) and the round it completed (written atomically)."""
+        card = card or (self.card_for(server_round) if self.card_for else None)
+        if card is None:
+            tmp = self.path / f".{CHECKPOINT_MODEL}.tmp"
+            save_state_dict(state, tmp)
+            tmp.replace(self.path / CHECKPOINT_MODEL)
+        else:
+            write_model(self.path / CHECKPOINT_MODEL, state, card)
         self._write(CHECKPOINT_FILE, {"round": server_round, "model": CHECKPOINT_MODEL, "time": time.time()})
 
     def save_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:
