@@ -256,7 +256,7 @@ def run_predict(
     check_output_dir(out)
     files = collect_images(images) if images else []
     model, card = load_model(model_path)
-    err_console.print(card.summary(), highlight=False)
+    console.print(card.summary(), highlight=False)
     adapt = norm_adapter() if adapt_norm else None
     if card.privacy.local_norm and adapt is None:
         err_console.print("[yellow]warning:[/yellow] normalisation layers stayed at the sites (FedBN): the global "
