@@ -226,3 +226,16 @@ def test_memory_stays_bounded_on_a_large_sparse_slide(tmp_path: Path, tiny_cfg: 
     # slide's level 2 whole would take 256 MiB)
     assert [r["tiles"] for r in runs] == [256, 256, 256]
     assert grew_big < min(grew_small + 64, 128), f"peak RSS +{grew_big:.0f} MiB (4,096 px slide: +{grew_small:.0f})"
+
+
+def test_missing_optional_packages_say_how_to_install_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from common.onnx_export import ExportError, _onnx
+
+    for name in ("openslide", "onnx"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(SlideError, match=r"pip install 'histofed\[slides\]'"):
+        open_slide(tmp_path / "any.svs")
+    with pytest.raises(ExportError, match=r"pip install 'histofed\[onnx\]'"):
+        _onnx()
