@@ -43,7 +43,7 @@ def _grid(path: Path, **how):
 
 @pytest.mark.parametrize(("how", "level", "tile"), [
     ({"level": 0}, 0, 32), ({"level": 1}, 1, 64), ({"level": 2}, 2, 128),
-    ({"mpp": 0.5}, 1, 64), ({"mpp": 0.75}, 1, 96), ({"mpp": 1.0}, 2, 128),
+    ({"mpp": 0.5}, 1, 64), ({"mpp": 0.6}, 1, 76), ({"mpp": 0.75}, 1, 96), ({"mpp": 1.0}, 2, 128),
 ])
 def test_tiles_are_the_slide_pixels_at_their_level_0_coordinates(slides: dict[str, Path], how: dict, level: int,
                                                                 tile: int) -> None:
@@ -60,6 +60,8 @@ def test_tiles_are_the_slide_pixels_at_their_level_0_coordinates(slides: dict[st
         x, y = grid.xy[i]
         want = to_square(render(SPEC, level, x // ds, y // ds, plan.read_size, plan.read_size), SIZE)
         assert index == i and np.array_equal(image, want), (x, y)
+    batch = tiles.__getitems__(list(range(len(grid.xy))))  # how a DataLoader fetches: rows read as strips
+    assert all(np.array_equal(batch[i][0], tiles[i][0]) and batch[i][1] == i for i in range(0, len(batch), 5))
     inside = [i for i, (x, y) in enumerate(grid.xy)
               if 1024 <= x and x + tile <= 2048 and 1024 <= y and y + tile <= 1536]
     assert inside and all(np.array_equal(tiles[i][0].reshape(-1, 3).mean(0), REGION) for i in inside)

@@ -1,0 +1,175 @@
+"""Benchmark: prediction img/s on patches and tiles/s on a generated whole slide vs the bare model forward, peak RSS.
+
+Usage: python -m simulations.bench_predict [--batch-size 64] [--patches 512] [--patch-side 64] [--slide-side 20000]
+                                           [--mpp 1.0] [--out FILE.json] [--tiny]
+Measures, on this machine's CPU (CUDA when present) and in one process, with the default model config
+(random weights: speed does not depend on them):
+- the bare forward (eval, no grad, channels_last) on a normalised batch already in memory: img/s;
+- `flower-client predict --images` end to end (PNG decode + resize via FileSplit/make_loader, forward,
+  predictions.csv): img/s, and its ratio to the bare forward (goal >= 0.9);
+- `flower-client predict --slide` end to end on a GENERATED pyramidal TIFF (slide-side² px at 0.25 µm/px,
+  deflate tiles of 256 px; tissue: a pink rectangle over 60 % of the area with a purple region), tiled at
+  --mpp: tiles/s including thumbnail, tissue detection and every output file, the ratio to the bare
+  forward, and the peak RSS growth while predicting (memory must not grow with the slide).
+Everything is SYNTHETIC: a generated slide and random weights; the figures are throughput, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from common.card import card_for_run
+from common.config import RunConfig
+from common.model import build_model
+from common.slide_fixture import SlideSpec, write_slide
+from common.training import prepare, select_device, to_input
+from simulations.figures import emit
+
+TINY = {"model.backbone": "test_efficientnet", "model.image-size": 32, "model.token-dim": 8, "model.hidden-size": 8}
+
+
+def forward_rate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, batch: int, seconds: float) -> float:
+    """img/s of the bare forward on one normalised in-memory batch (at least 3 batches, about `seconds`)."""
+    size = cfg.model.image_size
+    x = to_input(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8), device)
+    with torch.no_grad():
+        model(x)  # warm-up
+        _sync(device)
+        start, n = time.perf_counter(), 0
+        while n < 3 or time.perf_counter() - start < seconds:
+            model(x)
+            n += 1
+        _sync(device)
+    return n * batch / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_growth(action: Callable[[], Any]) -> tuple[Any, float, float]:
+    """Run `action`; return its result, the wall seconds and the peak RSS growth in MiB (sampled every 5 ms)."""
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    base = peak[0] = process.memory_info().rss
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        result = action()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+    return result, seconds, (peak[0] - base) / 2**20
+
+
+def write_patches(root: Path, count: int, side: int, seed: int = 0) -> list[Path]:
+    """`count` random RGB PNGs of side x side px (decoding cost is what matters here)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"patch-{i:05d}.png"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path, compress_level=1)
+        paths.append(path)
+    return paths
+
+
+def slide_spec(side: int) -> SlideSpec:
+    """Tissue over 60 % of the slide (a centred rectangle), a purple region in it, 0.25 µm/px, 256 px tiles."""
+    margin_x, margin_y = round(side * 0.1), round(side * 0.125)
+    levels = max(1, min(6, int(np.log2(side / 1024)) + 1))
+    side -= side % 2 ** (levels - 1)  # every level exactly half the one above
+    tissue = (margin_x, margin_y, side - margin_x, side - margin_y)
+    region = (margin_x, margin_y, side // 2, side // 2)
+    return SlideSpec(side, side, tissue=tissue, region=region, mpp=0.25, levels=levels, tile=256)
+
+
+def run(cfg: RunConfig, *, batch: int, patches: int, patch_side: int, slide_side: int, mpp: float,
+        seconds: float) -> dict[str, Any]:
+    """Every figure of the module docstring, measured in this process."""
+    from client.predict import SlideOptions, predict_patches, predict_slide
+
+    device = select_device("auto")
+    torch.manual_seed(0)
+    model = prepare(build_model(cfg.model, load_pretrained=False), device).eval()
+    card = card_for_run(cfg, data_kind="synthetic")
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "backbone": cfg.model.backbone, "image-size": cfg.model.image_size,
+        "batch-size": batch, "data": "SYNTHETIC (generated slide, random patches, random weights)",
+    }
+    with tempfile.TemporaryDirectory(prefix="histofed-bench-predict-") as tmp:
+        root = Path(tmp)
+        files = write_patches(root / "patches", patches, patch_side)
+        spec = slide_spec(slide_side)
+        start = time.perf_counter()
+        slide = write_slide(root / "slide.tif", spec)
+        result["slide"] = f"{spec.width} x {spec.height} px, {spec.levels} levels, 0.25 µm/px, tiled at {mpp:g} µm/px"
+        result["slide-write-s"] = round(time.perf_counter() - start, 1)
+        bare = [forward_rate(model, cfg, device, batch, seconds)]
+        summary, wall, _ = peak_rss_growth(lambda: predict_patches(
+            model, card, files, root / "out-patches", device=device, batch_size=batch))
+        patch_rate = summary["predicted"] / wall
+        bare.append(forward_rate(model, cfg, device, batch, seconds))
+        options = SlideOptions(mpp=mpp, batch_size=batch)
+        summary, wall, grew = peak_rss_growth(lambda: predict_slide(
+            model, card, slide, root / "out-slide", options, device=device))
+        tile_rate = summary["tiles"] / wall
+        bare.append(forward_rate(model, cfg, device, batch, seconds))
+    forward = float(np.median(bare))
+    result.update({
+        "img/s bare forward (median of 3)": round(forward, 1),
+        f"img/s predict patches ({patches} PNG, {patch_side} px)": round(patch_rate, 1),
+        "patches/bare forward": round(patch_rate / forward, 3),
+        "slide tissue tiles": summary["tiles"],
+        "tiles/s predict slide (end to end)": round(tile_rate, 1),
+        "slide/bare forward": round(tile_rate / forward, 3),
+        "slide predict wall-s": round(wall, 1),
+        "peak RSS growth MiB (slide predict)": round(grew, 1),
+        "peak RSS MiB (process)": round(psutil.Process().memory_info().rss / 2**20, 1),
+        "goal (>= 0.9 x bare forward)": "met" if min(patch_rate, tile_rate) >= 0.9 * forward else "missed",
+    })
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the options, measure, print the table, optionally write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--patches", type=int, default=512)
+    parser.add_argument("--patch-side", type=int, default=64, help="PNG side in px (64 = the model's input)")
+    parser.add_argument("--slide-side", type=int, default=20000)
+    parser.add_argument("--mpp", type=float, default=1.0, help="µm/px to tile the 0.25 µm/px slide at")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing of each bare-forward measurement")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (smoke test, seconds)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cfg = RunConfig().override(TINY) if args.tiny else RunConfig()
+    sizes = dict(batch=8, patches=16, patch_side=32, slide_side=2048, mpp=1.0, seconds=0.2) if args.tiny else dict(
+        batch=args.batch_size, patches=args.patches, patch_side=args.patch_side, slide_side=args.slide_side,
+        mpp=args.mpp, seconds=args.seconds)
+    result = run(cfg, **sizes)
+    return emit(result.items(), result, args.out)
+
+
+if __name__ == "__main__":
+    main()
