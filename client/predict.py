@@ -200,7 +200,7 @@ def predict_slide(
         cells_by_class = {k: np.stack(v) for k, v in by_class.items()}
         merged = regions(cells_by_class, grid.shape, plan.tile, card.data_kind)
         write_geojson(tmp / "tiles.geojson", merged + features, data_kind=card.data_kind, model=card.summary())
-        title = f"{slide_path.name}: P(malignant) per tile — {_kind(card).upper()}"
+        title = f"{slide_path.name}: P(malignant) per tile (0 black .. 1 yellow) - {_kind(card).upper()}"
         heatmap(thumb, positive, plan.tile, scale, tmp / "heatmap.png", title=title)
         summary = _slide_summary(slide_path, card, plan, positive, table.rows, skipped, options.threshold)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -52,30 +52,48 @@ class TileCsv:
 
 def heatmap(thumb: np.ndarray, grid: np.ndarray, tile: int, scale: tuple[float, float], path: Path, *,
             title: str) -> Path:
-    """P(malignant) (grid: rows x cols of tiles, NaN where no tissue) over the thumbnail, with a colour bar."""
-    import matplotlib
+    """P(malignant) (grid: rows x cols of tiles, NaN where no tissue) over the thumbnail, a title and a colour bar.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn with PIL (inferno colour map, 60 % opacity over tissue tiles; the tissue shows through).
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
 
     step = max(1, -(-max(thumb.shape[:2]) // HEATMAP_SIDE))
-    thumb = thumb[::step, ::step]  # the figure is ~800 px wide: a smaller backdrop saves matplotlib's float copies
-    scale = (scale[0] * step, scale[1] * step)
-    h, w = thumb.shape[:2]
-    rows, cols = grid.shape
-    fig, ax = plt.subplots(figsize=(8.0, 8.0 * h / w + 0.7), dpi=100)
-    ax.imshow(thumb, extent=(0, w, h, 0))
-    img = ax.imshow(np.ma.masked_invalid(grid), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.6,
-                    interpolation="nearest", extent=(0, cols * tile / scale[0], rows * tile / scale[1], 0))
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    fig.colorbar(img, ax=ax, fraction=0.035, pad=0.02, label="P(malignant)")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    back = thumb[::step, ::step].astype(np.float32)
+    h, w = back.shape[:2]
+    rows = np.minimum((np.arange(h) * step * scale[1] // tile).astype(np.int64), grid.shape[0])
+    cols = np.minimum((np.arange(w) * step * scale[0] // tile).astype(np.int64), grid.shape[1])
+    padded = np.pad(grid, ((0, 1), (0, 1)), constant_values=np.nan)  # index rows/cols past the grid → NaN
+    values = padded[rows[:, None], cols[None, :]]
+    lut = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    shown = np.isfinite(values)
+    colour = lut[(np.nan_to_num(values) * 255).clip(0, 255).astype(np.int64)]
+    back[shown] = 0.4 * back[shown] + 0.6 * colour[shown]
+    font = _font(14)
+    bar_w, pad, head = 24, 12, 30
+    canvas = Image.new("RGB", (w + bar_w + 4 * pad + 40, h + head + pad), "white")
+    canvas.paste(Image.fromarray(back.astype(np.uint8)), (pad, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 8), title.replace("—", "-"), fill="black", font=font)  # the bundled font has no dash
+    x0 = w + 2 * pad
+    ramp = lut[np.linspace(255, 0, h).astype(np.int64)][:, None, :].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(ramp.astype(np.uint8)), (x0, head))
+    for value in (0.0, 0.5, 1.0):
+        y = head + round((1 - value) * (h - 1))
+        draw.line([(x0 + bar_w, y), (x0 + bar_w + 4, y)], fill="black")
+        draw.text((x0 + bar_w + 6, y - 7), f"{value:g}", fill="black", font=font)
+    canvas.save(path)
     return path
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def qupath_class(name: str) -> dict[str, Any]:
@@ -90,16 +108,13 @@ def detections(xy: np.ndarray, tile: int, probs: np.ndarray, class_names: Sequen
     """Tiles with P(malignant) >= threshold as QuPath detections, classified by their likeliest malignant class."""
     positive = positive_probability(probs, class_names)
     malignant = [i for i, c in enumerate(class_names) if c in MALIGNANT] or list(range(len(class_names)))
-    out = []
-    for k in np.nonzero(positive >= threshold)[0]:
-        x, y = (int(v) for v in xy[k])
-        name = class_names[malignant[int(np.argmax(probs[k, malignant]))]]
-        out.append(_feature(
-            {"type": "Polygon", "coordinates": [_square(x, y, tile)]}, "detection", name, data_kind,
-            {"P(malignant)": round(float(positive[k]), 6), **{f"p_{c}": round(float(v), 6)
-                                                             for c, v in zip(class_names, probs[k])}},
-        ))
-    return out
+    keep = np.nonzero(positive >= threshold)[0]
+    names = [class_names[malignant[j]] for j in np.argmax(probs[keep][:, malignant], axis=1)]
+    rounded, p_rounded = probs[keep].round(6).tolist(), positive[keep].round(6).tolist()
+    keys = [f"p_{c}" for c in class_names]
+    return [_feature({"type": "Polygon", "coordinates": [_square(int(xy[k, 0]), int(xy[k, 1]), tile)]}, "detection",
+                     name, data_kind, {"P(malignant)": p, **dict(zip(keys, row))})
+            for k, name, row, p in zip(keep, names, rounded, p_rounded)]
 
 
 def regions(cells_by_class: dict[str, np.ndarray], shape: tuple[int, int], tile: int,
