@@ -1,7 +1,7 @@
 """Benchmark: prediction img/s on patches and tiles/s on a generated whole slide vs the bare model forward, peak RSS.
 
 Usage: python -m simulations.bench_predict [--batch-size 64] [--patches 2048] [--patch-side 64] [--slide-side 20000]
-                                           [--mpp 1.0] [--repeats 2] [--out FILE.json] [--tiny]
+                                           [--mpp 1.0] [--repeats 3] [--out FILE.json] [--tiny]
 Measures, on this machine's CPU (CUDA when present) and in one process, with the default model config
 (random weights: speed does not depend on them):
 - the bare forward (eval, no grad, channels_last) on a normalised batch already in memory: img/s;
@@ -128,8 +128,8 @@ def run(cfg: RunConfig, *, batch: int, patches: int, patch_side: int, slide_side
         result["slide"] = f"{spec.width} x {spec.height} px, {spec.levels} levels, 0.25 µm/px, tiled at {mpp:g} µm/px"
         result["slide-write-s"] = round(wall, 1)
         growth, slide_wall = [], []
-        for k in range(repeats):
-            rates["bare"].append(forward_rate(model, cfg, device, batch, seconds))
+        rates["bare"].append(forward_rate(model, cfg, device, batch, seconds))
+        for k in range(repeats):  # bare, patches, bare, slide, bare, ...: every prediction between two bare runs
             done, wall, cpu, _ = measured(lambda: predict_patches(model, card, files, root / f"patches-{k}",
                                                                   device=device, batch_size=batch))
             rates["patches"].append((done["predicted"] / wall, done["predicted"] / cpu))
@@ -138,19 +138,26 @@ def run(cfg: RunConfig, *, batch: int, patches: int, patch_side: int, slide_side
                 model, card, root / "slide.tif", root / f"slide-{k}", SlideOptions(mpp=mpp, batch_size=batch),
                 device=device))
             rates["slide"].append((summary["tiles"] / wall, summary["tiles"] / cpu))
+            rates["bare"].append(forward_rate(model, cfg, device, batch, seconds))
             growth.append(grew)
             slide_wall.append(wall)
     bare_wall = float(np.median([r[0] for r in rates["bare"]]))
     bare_cpu = float(np.median([r[1] for r in rates["bare"]]))
-    for name, label in (("patches", f"predict patches ({patches} PNG, {patch_side} px)"),
-                        ("slide", "predict slide, tissue tiles (end to end)")):
-        wall = float(np.median([r[0] for r in rates[name]]))
-        cpu = float(np.median([r[1] for r in rates[name]]))
-        result.update({f"img/s {label}": round(wall, 1), f"img/cpu-s {label}": round(cpu, 1),
-                       f"{name}/bare forward (img/s)": round(wall / bare_wall, 3),
-                       f"{name}/bare forward (img/cpu-s)": round(cpu / bare_cpu, 3)})
+    for offset, (name, label) in enumerate((("patches", f"predict patches ({patches} PNG, {patch_side} px)"),
+                                            ("slide", "predict slide, tissue tiles (end to end)"))):
+        # each prediction against the mean of the bare forwards measured just before and after it
+        around = [[(a + b) / 2 for a, b in zip(rates["bare"][2 * k + offset], rates["bare"][2 * k + offset + 1])]
+                  for k in range(repeats)]
+        ratios = [[r / b for r, b in zip(rate, bare)] for rate, bare in zip(rates[name], around)]
+        result.update({
+            f"img/s {label}": round(float(np.median([r[0] for r in rates[name]])), 1),
+            f"img/cpu-s {label}": round(float(np.median([r[1] for r in rates[name]])), 1),
+            f"{name}/bare forward (img/s)": round(float(np.median([r[0] for r in ratios])), 3),
+            f"{name}/bare forward (img/cpu-s)": round(float(np.median([r[1] for r in ratios])), 3),
+        })
     result.update({
         "img/s bare forward (median)": round(bare_wall, 1), "img/cpu-s bare forward (median)": round(bare_cpu, 1),
+        "ratios": "median over repeats of each prediction / the mean of the bare forwards just before and after it",
         "slide tissue tiles": summary["tiles"], "slide tiling": summary["plan"]["how"],
         "slide predict wall-s (median)": round(float(np.median(slide_wall)), 2),
         "peak RSS growth MiB (slide predict, max)": round(max(growth), 1),
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--slide-side", type=int, default=20000)
     parser.add_argument("--mpp", type=float, default=1.0, help="µm/px to tile the 0.25 µm/px slide at")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing of each bare-forward measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians are reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians are reported)")
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (smoke test, seconds)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
