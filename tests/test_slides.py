@@ -241,3 +241,14 @@ def test_missing_optional_packages_say_how_to_install_them(monkeypatch: pytest.M
         open_slide(tmp_path / "any.svs")
     with pytest.raises(ExportError, match=r"pip install 'histofed\[onnx\]'"):
         _onnx()
+
+
+def test_tiles_read_in_dataloader_workers_match_the_main_process(slides: dict[str, Path]) -> None:
+    from common.training import make_loader
+
+    plan, grid = _grid(slides["mpp"], mpp=1.0)
+    tiles = SlideTiles(slides["mpp"], grid.xy[:40], plan)
+    tiles[0]  # opens the slide here: the handle must not travel to the worker
+    here = [(img, idx) for img, idx, _ in make_loader(tiles, 16, seed=None, num_workers=0)]
+    there = [(img, idx) for img, idx, _ in make_loader(tiles, 16, seed=None, num_workers=1)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, there)) and len(there) == 3
