@@ -188,8 +188,9 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def resolve_model_path(path: Path) -> Path:
+def resolve_model_path(path: Path | str) -> Path:
     """A model file, or a run directory (its model.safetensors); a clear error when neither exists."""
+    path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
@@ -197,7 +198,7 @@ def resolve_model_path(path: Path) -> Path:
     return path
 
 
-def read_card(path: Path) -> ModelCard:
+def read_card(path: Path | str) -> ModelCard:
     """The card of a model file, checked against the file's tensor names and shapes (no weights loaded)."""
     from safetensors import safe_open
 
@@ -228,7 +229,7 @@ def build_from_card(card: ModelCard) -> nn.Module:
     return build_model_for(card.model, privacy, load_pretrained=False)
 
 
-def load_model(path: Path) -> tuple[nn.Module, ModelCard]:
+def load_model(path: Path | str) -> tuple[nn.Module, ModelCard]:
     """Rebuild a model from its file's card alone and load its weights strictly (eval mode, CPU)."""
     from safetensors.torch import load_file
 

@@ -4,17 +4,17 @@ Usage: python -m simulations.demo_slide --model RUN_DIR [--out docs/heatmap.png]
 The slide is 64 x 40 generated patches at the model's input size (benign subtypes on an elliptic piece of
 tissue, a malignant region at its left, glass around), written as a pyramidal tiled TIFF; it is predicted
 with `flower-client predict --slide ... --level 0` (one generated patch per tile) and heatmap.png is copied
-to --out. Everything in the picture is synthetic: generated tissue, a model trained on generated data.
+to --out (800 px wide, 256 colours). Everything in the picture is synthetic: generated tissue, a model trained on generated data.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from common.card import read_card
 from common.datasets.synthetic import SUBTYPES, hospital, render
@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> Path:
         if result.exit_code != 0:
             raise SystemExit(result.exit_code)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / "prediction" / "heatmap.png", args.out)
+        with Image.open(work / "prediction" / "heatmap.png") as img:  # 800 px, 256 colours: small for the README
+            small = img.resize((800, round(img.height * 800 / img.width)), Image.LANCZOS)
+            small.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.FLOYDSTEINBERG).save(
+                args.out, optimize=True)
     print(f"wrote {args.out}")
     return args.out
 
