@@ -1,7 +1,8 @@
-"""`flower-client`: the hospital's command line (check-data validates a data root before a hospital joins)."""
+"""`flower-client`: the hospital's command line (check-data before joining, start, predict with and export the model)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -106,6 +107,60 @@ def start(
     raise typer.Exit(code)
 
 
+@app.command("predict")
+def predict_command(
+    model: Annotated[Path, typer.Option(help="model.safetensors (with its model card) or a run directory")],
+    out: Annotated[Path, typer.Option(help="output directory (new or empty)")],
+    images: Annotated[Optional[list[Path]], typer.Option(help="image file or directory of images (repeatable)")] = None,
+    slide: Annotated[Optional[Path], typer.Option(help="whole-slide image (.svs, .ndpi, .mrxs, tiled TIFF, ...)")] = None,
+    attention: Annotated[bool, typer.Option(help="patches: write OUT/attention/<name>.png (tissue | contours)")] = False,
+    level: Annotated[Optional[int], typer.Option(help="slide: tile this pyramid level (instead of --mpp)")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="slide: µm/px to tile at (default: the model card's)")] = None,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="slide: its level-0 µm/px when the file does not say")] = None,
+    threshold: Annotated[float, typer.Option(help="slide: P(malignant) from which tiles go into the GeoJSON")] = 0.5,
+    min_tissue: Annotated[float, typer.Option(help="slide: share of a tile that must be tissue")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader workers (-1 = auto: 0 on CPU)")] = -1,
+    adapt_norm: Annotated[bool, typer.Option(help="adapt normalisation statistics to these images (AdaBN, label-free)")] = False,
+) -> None:
+    """Classify patches (--images) or a whole slide (--slide): predictions.csv, or tiles.csv + heatmap + GeoJSON."""
+    from client.predict import SlideOptions, run_predict
+
+    options = SlideOptions(level=level, mpp=mpp, slide_mpp=slide_mpp, threshold=threshold, min_tissue=min_tissue,
+                           batch_size=batch_size, workers=workers)
+    _guarded(lambda: run_predict(model_path=model, out=out, images=images or [], slide=slide, attention=attention,
+                                 options=options, device=device, adapt_norm=adapt_norm, console=console,
+                                 err_console=err_console))
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Option(help="model.safetensors (with its model card) or a run directory")],
+    onnx: Annotated[Path, typer.Option(help="the ONNX file to write (the model card goes into its metadata)")],
+) -> None:
+    """Export the model (backbone, GRU, attention, input normalisation) to ONNX, checked against torch."""
+    from client.predict import export
+
+    _guarded(lambda: export(model, onnx))
+
+
+def _guarded(action: Callable[[], str]) -> None:
+    """Run a command: its summary line on stdout; bad input → one line, exit 2; a failure → one line, exit 1."""
+    from client.predict import BadInput
+    from common.card import ModelFileError
+    from common.onnx_export import ExportError
+    from common.slides import SlideError
+
+    try:
+        line = action()
+    except (BadInput, ModelFileError, SlideError, ConfigError) as err:
+        _fail(str(err), 2)
+    except (ExportError, OSError, RuntimeError) as err:
+        _fail(f"{type(err).__name__}: {err}".splitlines()[0], 1)
+    console.print(line, highlight=False, soft_wrap=True)
+
+
 def _config(dataset: str, root: Path | None, sites: int | None, sets: list[str]) -> RunConfig:
     pairs: dict[str, str] = {"data.dataset": dataset}
     if root is not None:
@@ -133,3 +188,7 @@ def _table(summaries: list[SplitSummary], cfg: RunConfig) -> Table:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

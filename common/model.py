@@ -67,10 +67,10 @@ class HybridEffNetGRU(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images B x 3 x H x W → tokens B x T x (S*token_dim) and the token grid (h, w)."""
         feats = self.backbone(x)  # S tensors B x C_s x H_s x W_s
-        grid = tuple(feats[-1].shape[-2:])
+        grid = (int(feats[-1].shape[-2]), int(feats[-1].shape[-1]))  # python ints: ONNX export needs constant sizes
         scales = [proj(F.adaptive_avg_pool2d(f, grid)) for f, proj in zip(feats, self.proj)]
         tokens = torch.cat(scales, dim=1).flatten(2).transpose(1, 2)  # B x T x (S*D)
-        return self.token_norm(tokens), (int(grid[0]), int(grid[1]))
+        return self.token_norm(tokens), grid
 
     def forward_head(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens B x T x W → logits B x K and attention B x T."""

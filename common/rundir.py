@@ -162,9 +162,9 @@ class RunDirectory:
         """Replace the score histograms (K x 2 x bins, ascending score order) with this round's."""
         self._write(self.SCORES, {"data-kind": self.data_kind, "round": server_round, **scores}, indent=None)
 
-    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
-        """Write the global model as safetensors."""
-        save_state_dict(state, self.model_file)
+    def save_model(self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the global model as safetensors (metadata: its model card, common.card.metadata)."""
+        save_state_dict(state, self.model_file, metadata)
         return self.model_file
 
     def mark_synthetic(self) -> None:
@@ -174,11 +174,11 @@ class RunDirectory:
             saved = json.loads((self.path / self.CONFIG).read_text())
             self._write(self.CONFIG, {**saved, "data-kind": "synthetic"})
 
-    def save_checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
-        """After every round: the global model and the round it completed (written atomically)."""
-        tmp = self.path / f".{self.CHECKPOINT_MODEL}.tmp"
-        save_state_dict(state, tmp)
-        tmp.replace(self.path / self.CHECKPOINT_MODEL)
+    def save_checkpoint(
+        self, server_round: int, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """After every round: the global model (with its card) and the round it completed (written atomically)."""
+        save_state_dict(state, self.path / self.CHECKPOINT_MODEL, metadata)
         self._write(self.CHECKPOINT, {"round": server_round, "model": self.CHECKPOINT_MODEL, "time": time.time()})
 
     def save_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:

@@ -31,10 +31,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write tensors as safetensors (contiguous CPU copies)."""
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors as safetensors (contiguous CPU copies; header metadata such as the model card), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(_unshared(state), str(tmp), metadata=dict(metadata) if metadata else None)
+    tmp.replace(path)
+
+
+def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, aliased ones copied (Opacus's DPGRU exposes each weight under two names)."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common.card import metadata as card_metadata
 from common.config import RunConfig
 from common.datasets.registry import data_kind
 from common.rundir import RunDirectory
@@ -25,7 +26,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         federation = FederationRun(cfg, run, grid)
         final = federation.execute()
-        run.save_model(final.to_torch_state_dict())
+        state = final.to_torch_state_dict()
+        run.save_model(state, card_metadata(federation.card(), state))  # the model card travels inside the file
         log(INFO, "histofed: final global model written to %s", run.path)
     except BaseException as err:
         run.write_status("failed", error=f"{type(err).__name__}: {err}")

@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common import protocol as P
+from common.card import ModelCard, card_for_run
+from common.card import metadata as card_metadata
 from common.config import RunConfig
 from common.datasets.registry import get_dataset
 from common.model import build_model_for
@@ -58,6 +60,11 @@ class FederationRun:
     def history(self) -> list[dict[str, Any]]:
         """The rounds recorded by this process."""
         return self.recorder.history
+
+    def card(self, rounds: int | None = None) -> ModelCard:
+        """The model card of the global model after `rounds` (default: the last recorded round)."""
+        return card_for_run(self.cfg, data_kind=self.run.data_kind, history=self.recorder.history, rounds=rounds,
+                            privacy_report=self.monitor.report() if self.monitor is not None else None)
 
     @property
     def stopped(self) -> str:
@@ -100,8 +107,9 @@ class FederationRun:
         self.strategy.aggregate_evaluate(server_round, replies)
 
     def _end_round(self, server_round: int) -> None:
-        if server_round > 0:  # a completed round: checkpoint before anything can fail
-            self.run.save_checkpoint(server_round, self.arrays.to_torch_state_dict())
+        if server_round > 0:  # a completed round: checkpoint (with its model card) before anything can fail
+            state = self.arrays.to_torch_state_dict()
+            self.run.save_checkpoint(server_round, state, card_metadata(self.card(server_round), state))
         extra = {"privacy": self.monitor.end_round(server_round)} if self.monitor is not None else {}
         record = self.recorder.end_round(server_round, extra)
         if self.monitor is not None and record is not None:

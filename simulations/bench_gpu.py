@@ -1,11 +1,12 @@
-"""GPU benchmark (item 1e): hybrid vs backbone-alone training img/s at 224 px, bf16 autocast + channels_last.
+"""GPU benchmark (item 1e): hybrid vs backbone-alone training img/s at 224 px, bf16 autocast + channels_last; predict img/s.
 
 Usage: python -m simulations.bench_gpu [--backbone efficientnetv2_rw_t] [--batch-size 256] [--out FILE.json]
        python -m simulations.bench_gpu --tiny      # CPU-sized smoke run (tests use it; no GPU needed)
 Needs no network (random weights, random batch) and finishes in a few minutes on one H100/H200. Prints
 the GPU's name (torch.cuda.get_device_name) and img/s of: hybrid and backbone alone with bf16 autocast
 + channels_last (the a/b), and the hybrid with channels_last off and with AMP off (fp32). The batch
-halves until it fits. Goal (issue 7): >= 2,000 img/s for the efficientnetv2_rw_t hybrid on one H100.
+halves until it fits. Prediction row: the eval forward alone vs `common.inference.predict` (uint8 batches →
+device → softmax on the CPU) at the same batch. Goal (issue 7): >= 2,000 img/s for the efficientnetv2_rw_t hybrid on one H100.
 Without CUDA (and without --tiny) it says so and exits 1.
 """
 
@@ -58,6 +59,45 @@ def measure(cfg: RunConfig, device: torch.device, batch_size: int, *, warmup: in
     })}
 
 
+def predict_throughput(cfg: RunConfig, device: torch.device, batch_size: int, *, batches: int, amp: bool) -> dict[str, Any]:
+    """Inference img/s: the bare eval forward on one batch vs `common.inference.predict` over in-memory uint8 batches."""
+    import time
+
+    import numpy as np
+
+    from common.datasets.splits import ArraySplit
+    from common.inference import loader_for, predict
+    from common.training import _autocast, prepare, to_input
+
+    model = prepare(build(cfg, "hybrid"), device).eval()
+    size = cfg.model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (batch_size * batches, size, size, 3), dtype=np.uint8)
+    x = to_input(torch.from_numpy(images[:batch_size]), device)
+
+    def forward() -> float:
+        with torch.no_grad(), _autocast(device, amp):
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(batches):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return batches * batch_size / (time.perf_counter() - start)
+
+    def pipeline() -> float:
+        data = ArraySplit(images, np.arange(len(images)))
+        start, seen = time.perf_counter(), 0
+        for out in predict(model, loader_for(data, batch_size, device), device, amp=amp):
+            seen += len(out.index)  # probabilities are on the CPU: the device work is finished
+        return seen / (time.perf_counter() - start)
+
+    bare, piped = forward(), pipeline()
+    return {"img/s predict: bare eval forward": round(bare, 1), "img/s predict: pipeline (uint8 batches)": round(piped, 1),
+            "predict pipeline/bare forward": round(piped / bare, 3)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the GPU a/b (or the --tiny CPU smoke run), print a table, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backbone": cfg.model.backbone, "image-size": cfg.model.image_size,
         "amp": str(amp).removeprefix("torch.") if amp else "none (CPU)", "torch": torch.__version__,
         **measure(cfg, device, batch, warmup=warmup, steps=steps, repeats=repeats, amp=amp),
+        **predict_throughput(cfg, device, batch, batches=2 if args.tiny else 20, amp=amp is not None),
     }
     if not cuda:
         print(NO_CUDA.split(":")[0] + ": tiny CPU smoke run, not a GPU figure")

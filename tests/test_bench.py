@@ -50,7 +50,8 @@ def test_gpu_script_runs_tiny_on_cpu_and_names_the_device(capsys) -> None:
     result = bench_gpu.main(["--tiny"])
     out = capsys.readouterr().out
     _positive(result, ["img/s hybrid amp+channels_last", "img/s backbone amp+channels_last", "img/s hybrid amp+nchw",
-                       "img/s hybrid fp32+channels_last", "hybrid/backbone (amp+channels_last)", "batch-size"])
+                       "img/s hybrid fp32+channels_last", "hybrid/backbone (amp+channels_last)", "batch-size",
+                       "img/s predict: bare eval forward", "img/s predict: pipeline (uint8 batches)"])
     assert result["device"] in out
     if not torch.cuda.is_available():
         assert "CUDA is not available" in out and result["device"].startswith("cpu")
