@@ -22,6 +22,7 @@ from common.privacy.monitor import DECLINED, encode_metrics
 from common.seeds import site_seed
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
+from client import timing
 from client.site import Site, node_view
 
 app = ClientApp()
@@ -52,22 +53,32 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, 
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
 
 
-def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "") -> Message:
+def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "",
+           evaluation: dict | None = None) -> Message:
     about = {P.SITE_NAME: site.name, P.DATA_KIND: site.data_kind, **({DECLINED: declined} if declined else {})}
-    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about),
+                          P.TIMING: ConfigRecord(timing.take())})
     if arrays is not None:
         content[P.ARRAYS] = arrays
+    if evaluation is not None:  # federation.evaluate-with-train: the received model's evaluation rides along
+        content[P.EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
 
 
 @app.train(mods=[_central_clipping])
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts."""
-    cfg, site, model, device = _setup(msg, context)
+    """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts.
+
+    With the config flag `evaluate-received` (federation.evaluate-with-train) the site first evaluates
+    the model it received exactly as `evaluate_site` would, and the reply carries that evaluation too.
+    """
     config = msg.content[P.CONFIG]
+    evaluation = _evaluation(msg, context)[1] if config.get(P.EVALUATE_RECEIVED, False) else None
+    cfg, site, model, device = _setup(msg, context)
     server_round = int(config.get(P.SERVER_ROUND, 0))  # the run's true round (the server numbers across resumes)
     data = load_site(cfg, site.index, "train")
     seed = site_seed(cfg.train.seed, server_round, site.index)
+    timing.stamp(timing.READY)
     if cfg.privacy.spec.local:  # a site whose budget is spent declines; the server drops it or stops
         from common.privacy.trainer import train_private  # Opacus is imported only for DP-SGD sites
 
@@ -75,11 +86,13 @@ def train(msg: Message, context: Context) -> Message:
                                 ledger_file=ledger_path(cfg, site.name, context.node_config),
                                 server_round=server_round, run_id=context.run_id)
         if private.declined:
-            return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
+            return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined,
+                          evaluation=evaluation)
         result, extra = private.train, encode_metrics(private)
     else:
         mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
         result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
+    timing.stamp(timing.COMPUTED)
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
                P.SKIPPED: result.skipped, **extra}
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
@@ -88,14 +101,23 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.local_norm:  # kept at the site; sent back as received, so never averaged
         state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
                                 msg.content[P.ARRAYS].to_torch_state_dict())
-    return _reply(msg, site, metrics, ArrayRecord(state))
+    return _reply(msg, site, metrics, ArrayRecord(state), evaluation=evaluation)
 
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and score histograms on the site's held-out test split."""
+    site, metrics = _evaluation(msg, context)
+    timing.stamp(timing.COMPUTED)
+    return _reply(msg, site, metrics)
+
+
+def _evaluation(msg: Message, context: Context) -> tuple[Site, dict]:
+    """The evaluation of the message's model on this site's test split (evaluate_site's and evaluate-with-train's)."""
     cfg, site, model, device = _setup(msg, context)
     data = load_site(cfg, site.index, "test")
+    timing.stamp(timing.READY)
     result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
                       channels_last=cfg.train.channels_last)
-    return _reply(msg, site, P.encode_eval(result))
+    timing.stamp(timing.EVALUATED)
+    return site, P.encode_eval(result)

@@ -11,10 +11,13 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+TIMING = "timing"  # ConfigRecord of wall-clock stamps of the message's way through the site (client.timing)
+EVALUATION = "evaluation"  # MetricRecord in a train reply: the evaluation of the model the site received
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+EVALUATE_RECEIVED = "evaluate-received"  # train config: evaluate the received model before training
 PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
 SITE_NAME = "name"
 DATA_KIND = "data-kind"
