@@ -52,7 +52,8 @@ def list_nodes(run: RunDirectory, timeout_s: float = 60.0) -> list[dict[str, Any
     except json.JSONDecodeError:
         answer = {}
     if done.returncode != 0 or not answer.get("success"):
-        raise FlowerRunError(str(answer.get("error-message") or "the SuperLink does not answer").splitlines()[0])
+        said = [ln.strip() for ln in str(answer.get("error-message", "")).splitlines() if ln.strip()]
+        raise FlowerRunError(said[-1] if said else "the SuperLink does not answer")  # its last line is the cause
     return list(answer.get("nodes", []))
 
 
