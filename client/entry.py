@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from client.warm import forward  # noqa: E402
 from common import protocol as P  # noqa: E402
+from common.wire import pack, unpack  # noqa: E402
 
 _LOADED = time.time()
 app = ClientApp()
@@ -30,6 +31,7 @@ def handle(msg: Message, context: Context) -> Message:
     """Forward to the warm worker, or run histofed's ClientApp (client.app) here; stamp the reply."""
     timing.begin()
     handler = time.time()
+    msg.content = unpack(msg.content)  # the server packs the model for the wire (common/wire.py)
     reply = forward(msg, context)
     path = "warm"
     if reply is None:
@@ -43,6 +45,7 @@ def handle(msg: Message, context: Context) -> Message:
         stamps.update({timing.PROCESS_START: _PROCESS_START, timing.APP_LOADED: _LOADED, timing.HANDLER: handler,
                        timing.REPLIED: time.time(), timing.PATH: path, **_delivered(msg)})
         reply.content[P.TIMING] = ConfigRecord(stamps)
+        reply.content = pack(reply.content)
     return reply
 
 

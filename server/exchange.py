@@ -15,10 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from logging import ERROR
+
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore import log
 
 from common import protocol as P
+from common.wire import PackingError, pack, unpack
 
 POLL_S = float(os.environ.get("HISTOFED_REPLY_POLL_S", "0.2"))  # bench_deploy's baseline sets Flower's 3 s
 
@@ -49,8 +53,14 @@ class Exchange:
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float) -> Exchange:
-    """Push the messages, pull replies every POLL_S s until all arrived or `timeout` s passed (as Flower's, but faster)."""
+    """Push the messages (model packed: common/wire.py), pull replies every POLL_S s until all arrived or `timeout` s passed.
+
+    As Flower's `send_and_receive`, but replies are seen within POLL_S and come back unpacked.
+    """
     messages = list(messages)
+    packed: dict[int, RecordDict] = {}  # Flower's messages of one batch share one RecordDict: pack it once
+    for msg in messages:
+        msg.content = packed.setdefault(id(msg.content), pack(msg.content))
     ids = list(grid.push_messages(messages))
     out = Exchange(requests={i: m for i, m in zip(ids, messages) if i}, sent=time.time())
     pending = set(out.requests)
@@ -60,11 +70,24 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
             answered = msg.metadata.reply_to_message_id
             out.received[answered] = time.time()
             pending.discard(answered)
-            out.replies.append(msg)
+            out.replies.append(_unpacked(msg))
         if not pending or time.time() >= deadline:
             break
         time.sleep(POLL_S)
     return out
+
+
+def _unpacked(msg: Message) -> Message:
+    """A reply with its model unpacked; a malformed packing loses its arrays (the update check then rejects it)."""
+    if msg.has_error():
+        return msg
+    try:
+        msg.content = unpack(msg.content)
+    except PackingError as err:
+        site = msg.content.config_records.get(P.SITE, {}).get(P.SITE_NAME, msg.metadata.src_node_id)
+        log(ERROR, "Reply from site %s: %s", site, err)
+        msg.content = RecordDict({k: v for k, v in msg.content.items() if k not in msg.content.array_records})
+    return msg
 
 
 def evaluation_views(exchange: Exchange) -> list[Message]:
