@@ -10,7 +10,6 @@ Either way the reply carries the message's timing stamps (client.timing).
 from __future__ import annotations
 
 import time
-from datetime import datetime
 
 from client import timing
 
@@ -43,7 +42,7 @@ def handle(msg: Message, context: Context) -> Message:
     if reply.has_content():
         stamps = dict(reply.content.config_records.get(P.TIMING, {}))
         stamps.update({timing.PROCESS_START: _PROCESS_START, timing.APP_LOADED: _LOADED, timing.HANDLER: handler,
-                       timing.REPLIED: time.time(), timing.PATH: path, **_delivered(msg)})
+                       timing.REPLIED: time.time(), timing.PATH: path})
         reply.content[P.TIMING] = ConfigRecord(stamps)
         reply.content = pack(reply.content)
     return reply
@@ -60,10 +59,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     """An evaluation message (see `handle`)."""
     return handle(msg, context)
 
-
-def _delivered(msg: Message) -> dict[str, float]:
-    """When the SuperLink handed the message to this node's SuperNode (Flower's metadata.delivered_at)."""
-    try:
-        return {timing.DELIVERED: datetime.fromisoformat(msg.metadata.delivered_at).timestamp()}
-    except (TypeError, ValueError):
-        return {}  # simulation: not set

@@ -11,7 +11,6 @@ import time
 
 import psutil
 
-DELIVERED = "delivered"  # the SuperLink handed the message to the SuperNode (Flower's metadata.delivered_at)
 PROCESS_START = "process-start"  # the flwr-clientapp process was created
 APP_LOADED = "app-loaded"  # Flower imported the bundle's ClientApp (client.entry)
 HANDLER = "handler"  # the message reached histofed's handler

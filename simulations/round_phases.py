@@ -14,8 +14,8 @@ from typing import Any
 
 # (label, stamp it starts at, stamp it ends at); "sent"/"received" are the server's, the rest the site's
 PHASES: tuple[tuple[str, str, str], ...] = (
-    ("server sent -> SuperNode pulled it", "sent", "delivered"),
-    ("pulled -> ClientApp process up (SuperExec poll, spawn)", "delivered", "process-start"),
+    ("server sent -> ClientApp process up (SuperNode's 3 s poll, download, SuperExec poll, spawn)", "sent",
+     "process-start"),
     ("process up -> app loaded (Flower start, FAB, client.entry)", "process-start", "app-loaded"),
     ("app loaded -> histofed handler", "app-loaded", "handler"),
     ("imports (in process: torch, timm; warm: hand-over)", "handler", "imports"),
