@@ -11,6 +11,7 @@ mods and histofed's own code all see the keyed ArrayRecord as before.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -19,6 +20,7 @@ from common import protocol as P
 
 PACKED = "arrays-packed"  # ArrayRecord holding one uint8 Array: the raw bytes of every array, in key order
 LAYOUT = "arrays-layout"  # ConfigRecord {"layout": JSON [[key, dtype, shape], ...]}
+ENABLED = os.environ.get("HISTOFED_WIRE_PACK", "1") != "0"  # 0: one object per array (bench_deploy's baseline)
 
 
 class PackingError(ValueError):
@@ -28,7 +30,7 @@ class PackingError(ValueError):
 def pack(content: RecordDict, key: str = P.ARRAYS) -> RecordDict:
     """The same content with ArrayRecord `key` packed (a new RecordDict; unchanged when it has none)."""
     arrays = content.array_records.get(key)
-    if arrays is None:
+    if arrays is None or not ENABLED:
         return content
     layout, parts = [], []
     for name in arrays.keys():

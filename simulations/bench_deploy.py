@@ -7,10 +7,12 @@ machine: deployment is `flower-server start --insecure` + one `flower-client sta
 site over loopback; simulation is `flower-sim run`; the peer is NVIDIA FLARE's POC mode
 (simulations/bench_nvflare.py, in its own virtual environment; left out with a note when absent).
 Deployment variants:
-- before: what histofed did until now: Flower's 3 s reply polling, SuperExec polling 1 s, no warm
-  worker (every message imports torch and timm), train and evaluate messages each round;
-- after: replies polled every 0.2 s, SuperExec 0.1 s, the warm site worker, and
-  federation.evaluate-with-train (one message per site and round, same metrics).
+- before: what histofed did until now: Flower's 3 s reply polling, SuperExec polling 1 s, one Flower
+  object per tensor on the wire, no warm worker (every message imports torch and timm), train and
+  evaluate messages each round;
+- no-warm: replies polled every 0.2 s, SuperExec 0.1 s, the model packed on the wire (common/wire.py)
+  and federation.evaluate-with-train (one message per site and round, same metrics), no worker;
+- after: the same with the warm site worker.
 Overhead per round = wall time per round minus the slowest site's compute in it (after the first
 batch of messages, which pays start-up). The phase table lays out one message from the stamps the
 server and the sites log (client/timing.py, server/exchange.py), medians over the messages.
@@ -47,11 +49,13 @@ class Variant:
     task_poll_s: float
     evaluate_with_train: bool
     reply_poll_s: float
+    packed: bool
 
 
 VARIANTS = {
-    "before": Variant(warm=False, task_poll_s=1.0, evaluate_with_train=False, reply_poll_s=3.0),
-    "after": Variant(warm=True, task_poll_s=0.1, evaluate_with_train=True, reply_poll_s=0.2),
+    "before": Variant(warm=False, task_poll_s=1.0, evaluate_with_train=False, reply_poll_s=3.0, packed=False),
+    "no-warm": Variant(warm=False, task_poll_s=0.1, evaluate_with_train=True, reply_poll_s=0.2, packed=True),
+    "after": Variant(warm=True, task_poll_s=0.1, evaluate_with_train=True, reply_poll_s=0.2, packed=True),
 }
 
 
@@ -75,7 +79,8 @@ def deployment(tmp: Path, rounds: int, sites: int, variant: Variant) -> RunDirec
     run = {"server": {"host": "127.0.0.1", "port": port, "run-dir": "deploy"},
            "run": run_config(rounds, sites, variant.evaluate_with_train)}
     config.write_text(tomli_w.dumps(run))
-    env = {**os.environ, "HISTOFED_REPLY_POLL_S": f"{variant.reply_poll_s:g}"}
+    env = {**os.environ, "HISTOFED_REPLY_POLL_S": f"{variant.reply_poll_s:g}",
+           "HISTOFED_WIRE_PACK": "1" if variant.packed else "0"}
     server = subprocess.Popen([str(BIN / "flower-server"), "start", "--config", str(config), "--insecure"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     warm = "--warm" if variant.warm else "--no-warm"
@@ -83,7 +88,7 @@ def deployment(tmp: Path, rounds: int, sites: int, variant: Variant) -> RunDirec
                                  "--server", f"127.0.0.1:{port}", "--insecure", warm,
                                  "--task-poll-interval", f"{variant.task_poll_s:g}",
                                  "--log-file", str(tmp / f"site-{i}.log")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(sites)]
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) for i in range(sites)]
     try:
         server.wait(timeout=3600)
     finally:
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--variants", default="before,after")
+    parser.add_argument("--variants", default="before,no-warm,after")
     parser.add_argument("--nvflare", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
