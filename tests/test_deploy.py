@@ -109,15 +109,15 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
         rogue = _client(tmp_path, "rogue", port, stranger.site_keys["rogue"][0], kit.ca_cert, data["h-1"])
         wrong_ca = _client(tmp_path, "no-ca", port, kit.site_keys["h-1"][0], stranger.ca_cert, data["h-1"])
         started += [rogue, wrong_ca]
-        out_rogue, _ = rogue.communicate(timeout=300)
-        out_ca, _ = wrong_ca.communicate(timeout=300)
-        assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
-        assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
-
         run, deadline = tmp_path / "run", time.monotonic() + 600
         _wait(deadline, lambda: len(_rounds(run)) >= 1)  # round 0 evaluated: round 1 training starts now
         killed_at = time.monotonic()
         _kill_tree(clients["h-3"])  # kill -9 the hospital's SuperNode (and any ClientApp) mid-round
+        # the strangers are judged after the kill: rounds now take seconds, the refusals' retries ~20 s
+        out_rogue, _ = rogue.communicate(timeout=300)
+        out_ca, _ = wrong_ca.communicate(timeout=300)
+        assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
+        assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
         _wait(deadline, lambda: len(_rounds(run)) >= 2)  # round 1 closes once Flower gives up on the dead node
         round_closed = time.monotonic() - killed_at
         assert json.loads((run / "checkpoint.json").read_text())["round"] == 1
