@@ -24,6 +24,7 @@ from common.seeds import site_seed
 from common.site_state import state_path
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
+from client import timing
 from client.site import Site, node_view
 
 app = ClientApp()
@@ -55,25 +56,34 @@ def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[Ru
 
 
 def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "",
-           records: dict[str, ArrayRecord] | None = None) -> Message:
+           records: dict[str, ArrayRecord] | None = None, evaluation: dict | None = None) -> Message:
     about = {P.SITE_NAME: site.name, P.DATA_KIND: site.data_kind, **({DECLINED: declined} if declined else {})}
-    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about)})
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord(about),
+                          P.TIMING: ConfigRecord(timing.take())})
     if arrays is not None:
         content[P.ARRAYS] = arrays
     for key, record in (records or {}).items():
         content[key] = record
+    if evaluation is not None:  # federation.evaluate-with-train: the received model's evaluation rides along
+        content[P.EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
 
 
 @app.train(mods=[_central_clipping])
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts."""
-    cfg, site, model, device = _setup(msg, context)
+    """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts.
+
+    With the config flag `evaluate-received` (federation.evaluate-with-train) the site first evaluates
+    the model it received exactly as `evaluate_site` would, and the reply carries that evaluation too.
+    """
     config = msg.content[P.CONFIG]
+    evaluation = _evaluation(msg, context)[1] if config.get(P.EVALUATE_RECEIVED, False) else None
+    cfg, site, model, device = _setup(msg, context)
     server_round = int(config.get(P.SERVER_ROUND, 0))  # the run's true round (the server numbers across resumes)
     data = load_site(cfg, site.index, "train")
     seed = site_seed(cfg.train.seed, server_round, site.index)
     records: dict[str, ArrayRecord] = {}
+    timing.stamp(timing.READY)
     if cfg.privacy.spec.local:  # a site whose budget is spent declines; the server drops it or stops
         from common.privacy.trainer import train_private  # Opacus is imported only for DP-SGD sites
 
@@ -81,7 +91,8 @@ def train(msg: Message, context: Context) -> Message:
                                 ledger_file=ledger_path(cfg, site.name, context.node_config),
                                 server_round=server_round, run_id=context.run_id)
         if private.declined:
-            return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined)
+            return _reply(msg, site, {P.NUM_EXAMPLES: 0, **encode_metrics(private)}, declined=private.declined,
+                          evaluation=evaluation)
         result, extra = private.train, encode_metrics(private)
     elif P.SCAFFOLD_C in msg.content.array_records:  # SCAFFOLD: corrected SGD; c_i stays on this site's disk
         c_i = ClientState(state_path(cfg, site.name, "scaffold", context.node_config))
@@ -92,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
         result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
+    timing.stamp(timing.COMPUTED)
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
                P.SKIPPED: result.skipped, **extra}
     wire = getattr(torch, cfg.federation.transfer_dtype)  # float16 halves the reply; integers keep their dtype
@@ -100,19 +112,31 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.local_norm:  # kept at the site; sent back as received, so never averaged
         state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
                                 msg.content[P.ARRAYS].to_torch_state_dict())
-    return _reply(msg, site, metrics, ArrayRecord(state), records=records)
+    return _reply(msg, site, metrics, ArrayRecord(state), records=records, evaluation=evaluation)
 
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and logit histograms on the site's test split: global model (+ personalised with FedBN)."""
+    site, metrics = _evaluation(msg, context)
+    timing.stamp(timing.COMPUTED)
+    return _reply(msg, site, metrics)
+
+
+def _evaluation(msg: Message, context: Context) -> tuple[Site, dict]:
+    """The evaluation of the message's model on this site's test split (evaluate_site's and evaluate-with-train's).
+
+    With FedBN the same weights are also scored under this site's own norm layers (none yet: the global).
+    """
     cfg, site, model, device = _setup(msg, context, own_norm=False)
     data = load_site(cfg, site.index, "test")
+    timing.stamp(timing.READY)
     run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
                             channels_last=cfg.train.channels_last)
     result = run(model)
     metrics = P.encode_eval(result)
-    if cfg.federation.local_norm:  # FedBN: the same weights under this site's own norm layers (none yet: the global)
+    if cfg.federation.local_norm:
         own = restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
         metrics.update(P.encode_eval(run(model) if own else result, prefix=P.PERSONALISED))
-    return _reply(msg, site, metrics)
+    timing.stamp(timing.EVALUATED)
+    return site, metrics

@@ -84,12 +84,14 @@ def start(
     max_restarts: Annotated[int, typer.Option(help="give up after N reconnects (0 = keep trying)")] = 0,
     connect_timeout: Annotated[float, typer.Option(help="seconds one connection attempt may take before a restart")] = 60.0,
     log_file: Annotated[Optional[Path], typer.Option(help="SuperNode log (default ./<site>-supernode.log)")] = None,
+    warm: Annotated[bool, typer.Option(help="keep torch, model and data loaded in a warm worker between messages")] = True,
+    task_poll_interval: Annotated[float, typer.Option(help="seconds between the SuperNode's checks for a message to run")] = 0.1,
 ) -> None:
     """Check this hospital's data, then join the federation as a Flower SuperNode (reconnects when needed)."""
     from client.deploy import NodeOptions, run_node, validate
 
     options = NodeOptions(site, data_root.expanduser().resolve() if data_root else None, server, root_cert,
-                          auth_key, insecure, port, max_restarts, connect_timeout)
+                          auth_key, insecure, port, max_restarts, connect_timeout, warm, task_poll_interval)
     try:
         validate(options)
         if data_root is not None or dataset != "synthetic":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -38,6 +39,8 @@ class NodeOptions:
     runtime_port: int | None = None
     max_restarts: int = 0  # 0 = keep trying forever
     connect_timeout: float = 60.0  # one SuperNode gives up connecting after this; then it is restarted
+    warm: bool = True  # a warm worker (client.worker) keeps torch, model and data loaded between messages
+    task_poll_interval: float = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: how soon a pulled message gets its process
 
 
 def supernode_command(opt: NodeOptions, port: int) -> list[str]:
@@ -63,10 +66,21 @@ def validate(opt: NodeOptions) -> None:
             raise FileNotFoundError(f"{flag}: file not found: {path}")
     if not opt.insecure and opt.root_cert is None:
         raise ValueError("TLS is on by default: pass --root-cert CA.crt (or --insecure for a local test)")
+    if not 0.01 <= opt.task_poll_interval <= 60:
+        raise ValueError(f"--task-poll-interval must be between 0.01 and 60 s (got {opt.task_poll_interval:g})")
 
 
 def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> int:
-    """Run the SuperNode; restart it after connection loss; stop for good on auth/TLS refusal."""
+    """Run the SuperNode (and its warm worker); restart it after connection loss; stop for good on auth/TLS refusal."""
+    from client.worker import started_worker
+
+    worker_log = log_path.with_name(f"{opt.site}-worker.log")
+    with started_worker(worker_log, say) if opt.warm else contextlib.nullcontext({}) as worker_env:
+        env = {**_environment(), **worker_env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{opt.task_poll_interval:g}"}
+        return _supervise(opt, log_path, say, env)
+
+
+def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env: dict[str, str]) -> int:
     restarts = refusals = 0
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -75,7 +89,7 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
         say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
         with log_path.open("ab") as log:
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=_environment())
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         code = _watch(proc, log_path, say, stop)
         if stop["now"]:
             return 0

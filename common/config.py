@@ -173,11 +173,19 @@ class FederationConfig(_Section):
     holdout_site: int = Field(-1, ge=-1, description="site index kept out of training (-1 = none)")
     max_update_norm: float = Field(0.0, ge=0.0, description="reject updates farther than this (L2) from the global model (0 = no bound)")
     local_norm: bool = Field(False, description="FedBN/SiloBN: normalization layers stay at each site, never sent or averaged")
+    evaluate_with_train: bool = Field(False, description="one message per site and round: the train reply also carries the evaluation of the model it received (same metrics; needs fraction-train = fraction-evaluate = 1)")
 
     @property
     def training_sites(self) -> list[int]:
         """Indices of the sites that take part (all but the held-out one)."""
         return [i for i in range(self.num_sites) if i != self.holdout_site]
+
+    @model_validator(mode="after")
+    def _every_site_evaluates_with_train(self) -> FederationConfig:
+        if self.evaluate_with_train and not self.fraction_train == self.fraction_evaluate == 1.0:
+            raise ValueError("federation.evaluate-with-train needs federation.fraction-train = fraction-evaluate = 1 "
+                             "(the sites that train are the sites that evaluate)")
+        return self
 
     @model_validator(mode="after")
     def _minimums_fit(self) -> FederationConfig:
@@ -198,6 +206,8 @@ class OutputConfig(_Section):
 
     run_dir: str = Field("", description="run directory ('' = ./runs/<timestamp>)")
     resume: bool = Field(False, description="continue the run in run-dir from its last checkpoint")
+    mlflow_uri: str = Field("", description="MLflow tracking URI ('' = no MLflow; pip install 'histofed[mlflow]')")
+    mlflow_experiment: str = Field("histofed", description="MLflow experiment name")
 
 
 class PrivacyConfig(_Section):

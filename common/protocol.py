@@ -13,10 +13,13 @@ METRICS = "metrics"
 SITE = "site"
 SCAFFOLD_C = "scaffold-c"  # train message: the server control variate c (ArrayRecord, parameters only)
 SCAFFOLD_DELTA = "scaffold-delta-c"  # train reply: the site's dc_i (ArrayRecord)
+TIMING = "timing"  # ConfigRecord of wall-clock stamps of the message's way through the site (client.timing)
+EVALUATION = "evaluation"  # MetricRecord in a train reply: the evaluation of the model the site received
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+EVALUATE_RECEIVED = "evaluate-received"  # train config: evaluate the received model before training
 PROXIMAL_MU = "proximal-mu"  # FedProx's config key (flwr.serverapp.strategy.FedProx)
 SCAFFOLD_FEDERATION = "scaffold-federation"  # id of the federation the control variates belong to
 SITE_NAME = "name"

@@ -28,6 +28,8 @@ class RunDirectory:
 
     CONFIG = "config.json"
     METRICS = "metrics.jsonl"
+    TIMING = "timing.jsonl"  # one line per reply: when it was sent and received, and the site's stamps
+    MLFLOW = "mlflow.json"  # the MLflow run this run logs to (a resumed run continues it)
     MODEL = "model.safetensors"
     STATUS = "status.json"
     CHECKPOINT = "checkpoint.json"
@@ -59,6 +61,7 @@ class RunDirectory:
         run.path.mkdir(parents=True, exist_ok=True)
         if not cfg.output.resume:  # a resumed run keeps its config and the rounds already written
             (run.path / cls.METRICS).write_text("")
+            (run.path / cls.TIMING).unlink(missing_ok=True)
             run._write(cls.CONFIG, {"data-kind": data_kind, "config": cfg.to_flat()})
         run.write_status("running")
         return run
@@ -112,6 +115,16 @@ class RunDirectory:
                 break
         return out
 
+    def timing(self) -> list[dict[str, Any]]:
+        """The per-reply timing records written so far (server/exchange.py)."""
+        path = self.path / self.TIMING
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def read_mlflow(self) -> dict[str, Any]:
+        """The MLflow run this run logs to ({} when none yet)."""
+        path = self.path / self.MLFLOW
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def read_status(self) -> dict[str, Any]:
         """The ServerApp's status marker, or {} if it never wrote one."""
         try:
@@ -161,6 +174,16 @@ class RunDirectory:
     def write_scores(self, server_round: int, scores: Mapping[str, Any]) -> None:
         """Replace the score histograms (K x 2 x bins, ascending score order) with this round's."""
         self._write(self.SCORES, {"data-kind": self.data_kind, "round": server_round, **scores}, indent=None)
+
+    def log_timing(self, records: list[Mapping[str, Any]]) -> None:
+        """Append per-reply timing records as JSON lines."""
+        if records:
+            with (self.path / self.TIMING).open("a") as fh:
+                fh.writelines(json.dumps(json_safe(r)) + "\n" for r in records)
+
+    def write_mlflow(self, info: Mapping[str, Any]) -> None:
+        """Record the MLflow run (tracking URI, experiment, run id) so that a resume continues it."""
+        self._write(self.MLFLOW, info)
 
     def save_model(self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
         """Write the global model as safetensors (metadata: its model card, common.card.metadata)."""

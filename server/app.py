@@ -13,6 +13,7 @@ from common.config import RunConfig
 from common.datasets.registry import data_kind
 from common.rundir import RunDirectory
 from server.federation import FederationRun
+from server.tracking import start_tracking
 
 app = ServerApp()
 
@@ -23,16 +24,19 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     run = RunDirectory.start(cfg, data_kind=data_kind(cfg.data.dataset, cfg.data.root))
     log(INFO, "histofed run directory: %s (%s data)", run.path, run.data_kind)
+    tracking = start_tracking(cfg, run)  # MLflow when output.mlflow-uri is set
     try:
-        federation = FederationRun(cfg, run, grid)
+        federation = FederationRun(cfg, run, grid, on_round=tracking.log_round)
         final = federation.execute()
         state = final.to_torch_state_dict()
         run.save_model(state, card_metadata(federation.card(), state))  # the model card travels inside the file
         log(INFO, "histofed: final global model written to %s", run.path)
     except BaseException as err:
         run.write_status("failed", error=f"{type(err).__name__}: {err}")
+        tracking.finish(run, "failed")
         raise
     last = federation.history[-1] if federation.history else {}
     stopped = federation.stopped
     early = {"stopped-early": stopped, "rounds-completed": last.get("round", 0)} if stopped else {}
     run.write_status("completed", rounds=cfg.federation.rounds, final=last.get("global", {}), **early)
+    tracking.finish(run, "completed")

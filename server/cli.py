@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="histofed coordinator commands.", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -33,7 +34,7 @@ def keys(
         kit = make_kit(out, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
                        sites=[s.strip() for s in sites.split(",") if s.strip()], days=days)
     except (ValueError, FileExistsError, OSError) as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"CA certificate (give to every site): {kit.ca_cert}", highlight=False)
     console.print(f"server certificate / key (server only): {kit.server_cert} / {kit.server_key}", highlight=False)
@@ -55,6 +56,7 @@ def start(
     from common.errors import ConfigError
     from server.deploy import load_federation, start_federation
     from server.launch import FlowerRunError
+    from server.tracking import preflight
 
     def _interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -63,15 +65,16 @@ def start(
     say = lambda line: console.print(f"[server] {line}", highlight=False)  # noqa: E731
     try:
         fed = load_federation(config)
+        preflight(fed.run)
         if insecure:
             err_console.print("[bold yellow]WARNING: --insecure: no TLS, no node authentication; "
                               "model updates travel in clear text and any machine can join[/bold yellow]")
         status = start_federation(fed, insecure=insecure, resume=resume, say=say)
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     except FlowerRunError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: SuperLink and run stopped; resume with --resume")
@@ -80,6 +83,28 @@ def start(
         err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')}", highlight=False)
         raise typer.Exit(1)
     say(f"completed · run directory {fed.server.run_dir}")
+
+
+@app.command()
+def status(
+    config: Annotated[Path, typer.Option(help="the federation.toml the server was started with")],
+) -> None:
+    """Sites connected now, round and phase, last global metrics, time per round and time left; exit 1 if no server runs."""
+    from common.errors import ConfigError
+    from server.deploy import load_federation
+    from server.launch import FlowerRunError
+    from server.status import federation_status, status_lines
+
+    try:
+        report = federation_status(load_federation(config))
+    except ConfigError as err:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
+        raise typer.Exit(2) from None
+    except FlowerRunError as err:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in status_lines(report):
+        console.print(line, highlight=False)
 
 
 def main() -> None:

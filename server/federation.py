@@ -10,6 +10,8 @@ the checkpoint (model + strategy state) and the central-DP budget check.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -27,6 +29,7 @@ from common.model import build_model_for
 from common.privacy.monitor import DECLINED, PrivacyBudgetStop, PrivacyMonitor
 from common.privacy.preflight import preflight
 from common.rundir import RunDirectory
+from server.exchange import Exchange, evaluation_views, send_and_receive
 from server.rounds import RoundRecorder, site_name
 from server.strategy import build_strategy, restore_strategy_state, strategy_state, wrap_central_dp
 
@@ -34,8 +37,10 @@ from server.strategy import build_strategy, restore_strategy_state, strategy_sta
 class FederationRun:
     """Owns a run's strategy, round numbering, privacy monitor and checkpoints; `execute()` runs the rounds."""
 
-    def __init__(self, cfg: RunConfig, run: RunDirectory, grid: Grid) -> None:
+    def __init__(self, cfg: RunConfig, run: RunDirectory, grid: Grid,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg, self.run, self.grid = cfg, run, grid
+        self.on_round = on_round  # e.g. MLflow tracking (server/tracking.py): every round's line as written
         synthetic = get_dataset(cfg.data.dataset).synthetic  # DP settings are checked before any training
         central = preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)
         self.recorder = RoundRecorder(run, cfg.model.num_classes)
@@ -72,8 +77,16 @@ class FederationRun:
         return self.monitor.stopped if self.monitor is not None else ""
 
     def execute(self) -> ArrayRecord:
-        """Round 0 (the initial model, on a fresh run), then every remaining round; returns the global model."""
+        """Round 0 (the initial model, on a fresh run), then every remaining round; returns the global model.
+
+        With federation.evaluate-with-train, round r's train replies also carry the evaluation of the
+        model they received (round r-1's), whose line is written when they arrive: one message per
+        site and round, and one evaluation message for the last model.
+        """
         try:
+            if self.cfg.federation.evaluate_with_train:
+                self._execute_evaluating_with_train()
+                return self.arrays
             if not self.cfg.output.resume:
                 self._evaluate(0)
                 self._end_round(0)
@@ -86,13 +99,31 @@ class FederationRun:
             self.run.write_privacy(self.monitor.report())
         return self.arrays
 
-    def _send(self, messages: Any) -> list[Message]:
-        return list(self.grid.send_and_receive(list(messages), timeout=self.cfg.federation.round_timeout_s))
+    def _execute_evaluating_with_train(self) -> None:
+        unevaluated = None if self.cfg.output.resume else 0  # a resumed run's checkpoint has its line already
+        for server_round in range(self.completed + 1, self.cfg.federation.rounds + 1):
+            self._train(server_round, evaluates=unevaluated)
+            unevaluated = server_round
+        if unevaluated is not None:  # the last model: its own evaluation message
+            self._evaluate(unevaluated)
+            self._end_round(unevaluated)
 
-    def _train(self, server_round: int) -> None:
+    def _send(self, messages: Any, server_round: int, phase: str) -> Exchange:
+        self.run.write_status("running", round=server_round, phase=phase, **{"phase-since": time.time()})
+        exchange = send_and_receive(self.grid, messages, timeout=self.cfg.federation.round_timeout_s)
+        self.run.log_timing(exchange.timing(server_round, phase))
+        return exchange
+
+    def _train(self, server_round: int, evaluates: int | None = None) -> None:
+        """Round `server_round`'s training; with `evaluates`, the replies also close that earlier round."""
         log(INFO, "[ROUND %s/%s]", server_round, self.cfg.federation.rounds)
-        replies = without_declined(server_round, self._send(
-            self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid)), self.monitor)
+        config = ConfigRecord({P.EVALUATE_RECEIVED: True}) if evaluates is not None else ConfigRecord()
+        exchange = self._send(self.strategy.configure_train(server_round, self.arrays, config, self.grid),
+                              server_round, "train")
+        if evaluates is not None:  # the model these sites received (self.arrays) was round `evaluates`'s
+            self.strategy.aggregate_evaluate(evaluates, evaluation_views(exchange))
+            self._end_round(evaluates)
+        replies = without_declined(server_round, exchange.replies, self.monitor)
         if not replies:  # every sampled site declined: the model stays as it is
             return
         norm = getattr(self.strategy, "clipping_norm", None)  # central DP: the norm this round was clipped at
@@ -103,8 +134,9 @@ class FederationRun:
             self.monitor.trained(self.recorder.train_metrics, clipping_norm=norm)
 
     def _evaluate(self, server_round: int) -> None:
-        replies = self._send(self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(), self.grid))
-        self.strategy.aggregate_evaluate(server_round, replies)
+        exchange = self._send(self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(), self.grid),
+                              server_round, "evaluate")
+        self.strategy.aggregate_evaluate(server_round, exchange.replies)
 
     def _end_round(self, server_round: int) -> None:
         if server_round > 0:  # a completed round: checkpoint (with its model card) before anything can fail
@@ -112,6 +144,8 @@ class FederationRun:
             self.run.save_checkpoint(server_round, state, card_metadata(self.card(server_round), state))
         extra = {"privacy": self.monitor.end_round(server_round)} if self.monitor is not None else {}
         record = self.recorder.end_round(server_round, extra)
+        if record is not None and self.on_round is not None:
+            self.on_round(record)
         if self.monitor is not None and record is not None:
             self.run.write_privacy(self.monitor.report())
         if server_round > 0:

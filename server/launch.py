@@ -54,15 +54,16 @@ def write_run_config(cfg: RunConfig, run: RunDirectory) -> Path:
 
 def submit_and_wait(
     cmd: list[str], run: RunDirectory, *, timeout_s: float, on_poll: Callable[[], None],
-    extra_processes: tuple[subprocess.Popen, ...] = (),
+    extra_processes: tuple[subprocess.Popen, ...] = (), env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run `flwr run ... --stream`, wait, stop what it started (and extra_processes); return the status."""
+    """Run `flwr run ... --stream` (extra `env` for Flower's processes), wait, stop what it started (and extra_processes); return the status."""
     deadline = time.monotonic() + timeout_s
     run.clear_status()  # a resumed run's old "completed" must not end this one
     flower_log = run.file(RunDirectory.FLOWER_LOG)
     with flower_log.open("ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flwr_environment(run.flwr_home),
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**flwr_environment(run.flwr_home), **(env or {})},
             cwd=run.path, start_new_session=True,
         )
         try:

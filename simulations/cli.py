@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.datasets.fixtures import FIXTURES
@@ -32,7 +33,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -49,10 +50,12 @@ def run(
     timeout: Annotated[float, typer.Option(help="wall-clock limit in seconds")] = 3600.0,
     resume: Annotated[bool, typer.Option(help="continue --run-dir from its last checkpoint (--rounds may raise the total)")] = False,
     report: Annotated[bool, typer.Option(help="write the HTML report at the end (`flower-sim report RUN_DIR` writes it later)")] = True,
+    ray_address: Annotated[str, typer.Option(help="join this Ray cluster (HOST:PORT of `ray start --head`) instead of starting one; sites get --cpus-per-site / --gpus-per-site")] = "",
 ) -> None:
     """Run a scenario; prints progress and a metrics table, writes a run directory; exit 1 if the run failed."""
     sets = (*(set_ or ()), *(("output.resume=true",) if resume else ()))
-    options = RunOptions(scenario, rounds, sites, sets, data_root, run_dir, cpus_per_site, gpus_per_site, timeout)
+    options = RunOptions(scenario, rounds, sites, sets, data_root, run_dir, cpus_per_site, gpus_per_site, timeout,
+                         ray_address=ray_address)
     try:
         plan = make_plan(options)
     except (ConfigError, FlowerRunError, DatasetLayoutError, FileNotFoundError) as err:
@@ -185,6 +188,14 @@ def _write_report(run_dir: Path) -> None:
         console.print(f"report: {build_report(run_dir)}", highlight=False)
     except Exception as err:  # noqa: BLE001 - a plotting problem must not turn a finished run into a failure
         err_console.print(f"[yellow]warning:[/yellow] report not written: {err}")
+        return
+    try:  # the run's MLflow run (output.mlflow-uri) gets the report too
+        from server.tracking import log_report
+
+        run = RunDirectory(run_dir)
+        log_report(run_dir, [run.file(RunDirectory.REPORT_HTML), run.file(RunDirectory.REPORT_DIR)])
+    except Exception as err:  # noqa: BLE001 - tracking never fails a finished run
+        err_console.print(f"[yellow]warning:[/yellow] report not logged to MLflow: {err}")
 
 
 def _report_failure(status: dict, run_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +14,7 @@ from common.errors import ConfigError
 from common.privacy.preflight import preflight
 from common.rundir import RunDirectory
 from server.launch import find_app_dir
+from server.tracking import preflight as tracking_preflight
 from simulations.runner import SimulationPlan
 from simulations.scenarios import get_scenario
 
@@ -30,6 +32,7 @@ class RunOptions:
     cpus_per_site: int | None = None
     gpus_per_site: float | None = None
     timeout: float = 3600.0
+    ray_address: str = ""  # join this Ray cluster (HOST:PORT of `ray start --head`) instead of starting one
 
 
 def resolve_config(opt: RunOptions) -> RunConfig:
@@ -49,11 +52,14 @@ def resolve_config(opt: RunOptions) -> RunConfig:
     cores, num_sites = os.cpu_count() or 1, len(cfg.federation.training_sites)
     if opt.cpus_per_site is not None and opt.cpus_per_site <= 0:
         raise ConfigError(f"--cpus-per-site must be > 0 (got {opt.cpus_per_site})")
+    if opt.ray_address and not re.fullmatch(r"[^:\s]+:\d{1,5}", opt.ray_address):
+        raise ConfigError(f"--ray-address must be HOST:PORT of a Ray head (got '{opt.ray_address}')")
     threads = opt.cpus_per_site or max(1, cores // num_sites)  # by default all sites train at once
     if "train.num-threads" not in user:
         cfg = cfg.override({"train.num-threads": threads})
     cfg = _absolute_paths(cfg)
     _privacy_preflight(cfg, entry.synthetic)
+    tracking_preflight(cfg)  # MLflow asked for but not installed: exit 2 with how to install it
     return cfg
 
 
@@ -86,7 +92,7 @@ def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
         run.write_partition(partition)
     cfg = cfg.override({"output.run-dir": str(path)})
     return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
-                          _gpu_share(opt.gpus_per_site, cfg), opt.timeout)
+                          _gpu_share(opt.gpus_per_site, cfg), opt.timeout, opt.ray_address)
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -25,6 +25,7 @@ class SimulationPlan:
     ray_cpus: int = 1
     gpus_per_site: float = 0.0
     timeout_s: float = 3600.0
+    ray_address: str = ""  # an existing Ray cluster to join ('' = Flower starts a local one)
 
     @property
     def run(self) -> RunDirectory:
@@ -37,11 +38,15 @@ def run_simulation(plan: SimulationPlan, on_poll: Callable[[], None] = lambda: N
     run = plan.run
     write_connection(run.flwr_home, CONNECTION, {"address": ":local:"})
     config_path = write_run_config(plan.cfg, run)
+    # Flower's Ray backend calls ray.init() with these init args; ray.init joins the cluster named by
+    # RAY_ADDRESS (Flower 1.42's federation config has no address key), which refuses num-cpus.
+    init_args = "" if plan.ray_address else f" init-args-num-cpus={plan.ray_cpus}"
     cmd = [
         flwr_executable(), "run", str(plan.app_dir), CONNECTION, "--stream", "--run-config", str(config_path),
         "--federation-config",
         f"num-supernodes={len(plan.cfg.federation.training_sites)} "
-        f"client-resources-num-cpus={plan.cpus_per_site} init-args-num-cpus={plan.ray_cpus} "
-        f"client-resources-num-gpus={plan.gpus_per_site:g}",
+        f"client-resources-num-cpus={plan.cpus_per_site} client-resources-num-gpus={plan.gpus_per_site:g}"
+        + init_args,
     ]
-    return submit_and_wait(cmd, run, timeout_s=plan.timeout_s, on_poll=on_poll)
+    env = {"RAY_ADDRESS": plan.ray_address} if plan.ray_address else {}
+    return submit_and_wait(cmd, run, timeout_s=plan.timeout_s, on_poll=on_poll, env=env)

@@ -39,3 +39,45 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ.setdefault("HISTOFED_CACHE", str(tmp_path_factory.mktemp("histofed-cache")))
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray head on loopback (its own temp dir: no other ray.init on this machine finds it); stopped at the end."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from common.ports import free_port
+    from server.launch import processes_naming
+
+    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="hfray-"))  # short: Ray's socket paths are limited
+    with (temp / "head.log").open("wb") as log:
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
+                                 "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+                                 "--temp-dir", str(temp), "--include-dashboard", "false", "--disable-usage-stats",
+                                 "--block"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (temp / "ray_current_cluster").is_file() and time.monotonic() < deadline and head.poll() is None:
+            time.sleep(0.5)
+        assert (temp / "ray_current_cluster").is_file(), (temp / "head.log").read_text()
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        leftovers = processes_naming(str(temp))  # raylet, gcs_server, workers of this cluster only
+        for proc in leftovers:
+            proc.kill()
+        psutil.wait_procs(leftovers, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)

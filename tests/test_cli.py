@@ -27,6 +27,9 @@ def _run(*args: str) -> Result:
         (["run", "synthetic-tiny", "--set", "model.pretrained-path=/nonexistent/w.safetensors"], "file not found"),
         (["run", "synthetic-tiny", "--sites", "0"], "'federation.num-sites'"),
         (["run", "synthetic-tiny", "--resume"], "nothing to resume"),
+        (["run", "synthetic-tiny", "--ray-address", "head-without-port"], "--ray-address must be HOST:PORT"),
+        (["run", "synthetic-tiny", "--set", "federation.evaluate-with-train=true", "--set", "federation.fraction-train=0.5"],
+         "evaluate-with-train needs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:

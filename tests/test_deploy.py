@@ -99,6 +99,7 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
             for i, s in enumerate(kit.site_keys)}
     fed = _federation(tmp_path, kit, rounds=2, sites=3, available=2)
     port = tomllib.loads(fed.read_text())["server"]["port"]
+    tracked = _with_mlflow(fed, tmp_path / "mlflow.db")  # issue 18: MLflow; the resume continues the same MLflow run
     server = _server(fed)
     started = [server]
     try:
@@ -108,23 +109,28 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
         rogue = _client(tmp_path, "rogue", port, stranger.site_keys["rogue"][0], kit.ca_cert, data["h-1"])
         wrong_ca = _client(tmp_path, "no-ca", port, kit.site_keys["h-1"][0], stranger.ca_cert, data["h-1"])
         started += [rogue, wrong_ca]
-        out_rogue, _ = rogue.communicate(timeout=300)
-        out_ca, _ = wrong_ca.communicate(timeout=300)
-        assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
-        assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
-
         run, deadline = tmp_path / "run", time.monotonic() + 600
         _wait(deadline, lambda: len(_rounds(run)) >= 1)  # round 0 evaluated: round 1 training starts now
         killed_at = time.monotonic()
         _kill_tree(clients["h-3"])  # kill -9 the hospital's SuperNode (and any ClientApp) mid-round
+        # the strangers are judged after the kill: rounds now take seconds, the refusals' retries ~20 s
+        out_rogue, _ = rogue.communicate(timeout=300)
+        out_ca, _ = wrong_ca.communicate(timeout=300)
+        assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
+        assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
         _wait(deadline, lambda: len(_rounds(run)) >= 2)  # round 1 closes once Flower gives up on the dead node
         round_closed = time.monotonic() - killed_at
         assert json.loads((run / "checkpoint.json").read_text())["round"] == 1
         _kill_tree(server)  # now the server and its SuperLink die after round 1
         server.wait(timeout=30)
+        down = _run(BIN / "flower-server", "status", "--config", fed, cwd=tmp_path)  # issue 18: status, no server
+        assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1, down.stdout + down.stderr
+        assert "no federation server answers" in down.stderr
 
         resumed = _server(fed, "--resume")
         started.append(resumed)
+        live = _status_once_up(fed, tmp_path)  # issue 18: status of the live (resumed) federation
+        assert "sites connected now" in live and "last metrics (round 1)" in live and "time per round" in live, live
         out, _ = resumed.communicate(timeout=900)
         assert resumed.returncode == 0, out
         lines = _rounds(run)
@@ -132,10 +138,38 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
         assert sorted(lines[1]["train"]) == ["h-1", "h-2"] and sorted(lines[2]["sites"]) == ["h-1", "h-2"]
         assert lines[-1]["data-kind"] == "synthetic"  # the sites said so: their trees are generated fixtures
         assert json.loads((run / "checkpoint.json").read_text())["round"] == 2 and (run / "model.safetensors").is_file()
+        assert [m.step for m in tracked()] == [0, 1, 2]  # one MLflow run, every round
         print(f"round 1 closed {round_closed:.0f} s after the kill (upper bound on detection)")
     finally:
         for proc in started:
             _kill_tree(proc)
+
+
+def _with_mlflow(fed: Path, db: Path):
+    """Track the federation in a local MLflow store; returns a reader of its global.accuracy history."""
+    config = tomllib.loads(fed.read_text())
+    config["run"]["output"] = {"mlflow-uri": f"sqlite:///{db}"}
+    fed.write_text(tomli_w.dumps(config))
+
+    def history() -> list:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        (run,) = client.search_runs([client.get_experiment_by_name("histofed").experiment_id])
+        return client.get_metric_history(run.info.run_id, "global.accuracy")
+
+    return history
+
+
+def _status_once_up(fed: Path, cwd: Path, timeout: float = 180) -> str:
+    """`flower-server status` output once the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _run(BIN / "flower-server", "status", "--config", fed, cwd=cwd)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout
+        time.sleep(2)
 
 
 def _run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -127,8 +127,9 @@ def test_reproduce_paper_prints_the_papers_figures_beside_the_measured(tmp_path:
     assert "0.9572" in result.stdout and "patient-disjoint" in result.stdout
 
 
-def test_fedadam_checkpoints_its_moments_and_a_resumed_run_ends_on_the_same_weights(tmp_path: Path) -> None:
-    result = _sim(tmp_path, "--rounds", "2", "--set", "federation.strategy=fedadam")
+def test_fedadam_checkpoints_its_moments_and_a_resumed_run_ends_on_the_same_weights(tmp_path: Path, ray_cluster) -> None:
+    address, cluster_dir = ray_cluster  # issue 18: the reference run joins an existing Ray cluster (--ray-address)
+    result = _sim(tmp_path, "--rounds", "2", "--set", "federation.strategy=fedadam", "--ray-address", address)
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "run"
     assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
@@ -138,12 +139,35 @@ def test_fedadam_checkpoints_its_moments_and_a_resumed_run_ends_on_the_same_weig
     # Stopped after round 1, then resumed to round 2: the model, Adam moments and client seeds carry over.
     part = tmp_path / "part"
     part.mkdir()
-    first = _sim(part, "--rounds", "1", "--set", "federation.strategy=fedadam")
+    # issue 18: this run sends one message per site and round (evaluate-with-train) and is tracked in MLflow
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fast = ["--set", "federation.evaluate-with-train=true", "--set", f"output.mlflow-uri={uri}"]
+    first = _sim(part, "--rounds", "1", "--set", "federation.strategy=fedadam", *fast)
     assert first.returncode == 0, first.stdout + first.stderr
-    resumed = _sim(part, "--rounds", "2", "--set", "federation.strategy=fedadam", "--resume")
+    resumed = _sim(part, "--rounds", "2", "--set", "federation.strategy=fedadam", "--resume", *fast)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     lines = [json.loads(ln) for ln in (part / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["round"] for ln in lines] == [0, 1, 2]
     reference, continued = load_file(str(run / "model.safetensors")), load_file(str(part / "run" / "model.safetensors"))
     assert reference.keys() == continued.keys()
     assert all(torch.equal(reference[k], continued[k]) for k in reference)
+    _same_metrics_fewer_messages_one_mlflow_run(run, part / "run", uri)
+    assert list((cluster_dir / "session_latest" / "logs").glob("python-core-driver-*")), "no driver joined the cluster"
+
+
+def _same_metrics_fewer_messages_one_mlflow_run(plain: Path, fast: Path, uri: str) -> None:
+    """evaluate-with-train: today's metrics (the same models on the same data), round 0 rode with round 1's training."""
+    from mlflow.tracking import MlflowClient
+
+    from common.rundir import RunDirectory
+
+    for a, b in zip(RunDirectory(plain).history(), RunDirectory(fast).history(), strict=True):
+        assert a["global"] == b["global"] and a["sites"] == b["sites"], a["round"]
+        assert {s: t["loss"] for s, t in a["train"].items()} == {s: t["loss"] for s, t in b["train"].items()}
+    sent = {p: {(r["phase"], r["round"]) for r in RunDirectory(p).timing()} for p in (plain, fast)}
+    assert ("evaluate", 0) in sent[plain] and ("evaluate", 0) not in sent[fast]
+    client = MlflowClient(tracking_uri=uri)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("histofed").experiment_id])  # one, resume included
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "global.accuracy")] == [0, 1, 2]
+    assert tracked.data.tags["data-kind"] == "synthetic" and tracked.info.status == "FINISHED"
+    assert {"model.safetensors", "report.html"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
