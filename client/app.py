@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -14,11 +16,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from common import protocol as P
 from common.config import ModelConfig, PrivacyConfig, RunConfig
 from common.datasets import get_dataset
+from common.datasets.images import BadImageError
 from common.privacy import DECLINED, build_model_for, encode_metrics, ledger_path, train_private
 from common.privacy.local_norm import keep_local_norm, local_norm_path, restore_local_norm
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
-from client.site import Site, node_view
+from client.site import Site, SiteRefused, node_view
 
 app = ClientApp()
 
@@ -38,6 +41,10 @@ def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallab
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, nn.Module, torch.device]:
     cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
+    expected = msg.content.config_records.get(P.CONFIG, ConfigRecord()).get(P.EXPECTED_SITE)
+    if expected is not None and expected != site.name:  # the server binds sites to keys: a mismatch is refused
+        raise SiteRefused(f"{P.REFUSED} its key is registered for site '{expected}' but it calls itself "
+                          f"'{site.name}' (flower-client start --site)")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
@@ -56,10 +63,26 @@ def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None =
     return Message(content=content, reply_to=msg)
 
 
+@contextlib.contextmanager
+def _strict(cfg: RunConfig, site: Site) -> Iterator[None]:
+    """With data.strict=true an unreadable image fails the message, marked so the server fails the run."""
+    try:
+        yield
+    except BadImageError as err:
+        if cfg.data.strict:
+            raise BadImageError(f"site {site.name}: {err} {P.STRICT_FAILURE}") from err
+        raise
+
+
 @app.train(mods=[_central_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts."""
     cfg, site, model, device = _setup(msg, context)
+    with _strict(cfg, site):
+        return _train(msg, context, cfg, site, model, device)
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig, site: Site, model: nn.Module, device: torch.device) -> Message:
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.SERVER_ROUND, 0)) + int(config.get(P.ROUND_OFFSET, 0))
     data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train")
@@ -89,7 +112,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_site(msg: Message, context: Context) -> Message:
     """Loss, confusion counts and score histograms on the site's held-out test split."""
     cfg, site, model, device = _setup(msg, context)
-    data = get_dataset(cfg.data.dataset).load_split(cfg, site.index, "test")
-    result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
-                      channels_last=cfg.train.channels_last)
-    return _reply(msg, site, P.encode_eval(result))
+    dataset = get_dataset(cfg.data.dataset)
+    with _strict(cfg, site):
+        data = dataset.load_split(cfg, site.index, "test")
+        result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
+                          channels_last=cfg.train.channels_last)
+        metrics = P.encode_eval(result)
+        if int(msg.content[P.CONFIG].get(P.SERVER_ROUND, 0)) <= 1:  # joining: declare the training-split size
+            metrics[P.TRAIN_EXAMPLES] = len(dataset.load_split(cfg, site.index, "train"))
+    return _reply(msg, site, metrics)

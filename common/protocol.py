@@ -25,6 +25,12 @@ EVAL_LOSS = "eval-loss"
 CONFUSION = "confusion"
 SCORE_HIST = "score-hist"
 SKIPPED = "skipped-images"
+TRAIN_EXAMPLES = "train-examples"  # a site's training-split size, declared with its round-0 evaluation
+EXPECTED_SITE = "expected-site"  # the site the node's key is registered for (sent when the server knows it)
+
+# Markers in error text that server and site both recognise
+STRICT_FAILURE = "(data.strict=true)"  # ends a ClientApp's data error in strict mode: the server fails the run
+REFUSED = "histofed refused this node:"  # starts a ClientApp's identity refusal: `flower-client start` stops on it
 
 
 def encode_eval(result: EvalResult) -> dict[str, int | float | list[int]]:

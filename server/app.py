@@ -15,6 +15,7 @@ from common.datasets import data_kind, get_dataset
 from common.privacy import PrivacyBudgetStop, PrivacyMonitor, build_model_for, is_central, plan_central, preflight
 from server.rounds import RoundRecorder
 from server.rundir import RunDirectory
+from server.sites import SiteRegistry
 from server.strategy import build_strategy, restore_strategy_state, strategy_state, wrap_central_dp
 
 app = ServerApp()
@@ -26,23 +27,27 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     run = RunDirectory.for_config(cfg, data_kind=data_kind(cfg.data.dataset, cfg.data.root))
     log(INFO, "histofed run directory: %s (%s data)", run.path, run.data_kind)
+    sites = SiteRegistry.for_config(cfg, run.path)  # node ↔ site from the site keys (deployment), round problems
+    if len(cfg.federation.training_sites) == 1:
+        log(WARNING, "histofed: a federation of ONE site: nothing is shared, this is local training")
     try:
-        recorder = _federate(grid, cfg, run)
+        recorder = _federate(grid, cfg, run, sites)
     except BaseException as err:
-        run.status("failed", error=f"{type(err).__name__}: {err}")
+        run.status("failed", error=f"{type(err).__name__}: {err}", **sites.summary())
         raise
     final = recorder.history[-1] if recorder.history else {}
     stopped = recorder.privacy.stopped if recorder.privacy else ""
     early = {"stopped-early": stopped, "rounds-completed": final.get("round", 0)} if stopped else {}
-    run.status("completed", rounds=cfg.federation.rounds, final=final.get("global", {}), **early)
+    run.status("completed", rounds=cfg.federation.rounds, final=final.get("global", {}), **early, **sites.summary())
 
 
-def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory) -> RoundRecorder:
-    recorder = RoundRecorder(run, cfg.model.num_classes)
+def _federate(grid: Grid, cfg: RunConfig, run: RunDirectory, sites: SiteRegistry) -> RoundRecorder:
+    recorder = RoundRecorder(run, cfg.model.num_classes, sites)
     strategy = build_strategy(
         cfg.federation,
         train_metrics=recorder.aggregate_train,
         evaluate_metrics=recorder.aggregate_evaluate,
+        sites=sites,
     )
     synthetic = get_dataset(cfg.data.dataset).synthetic  # DP settings are checked before any training
     preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)

@@ -143,7 +143,7 @@ def start_federation(
         for record in history[seen["n"]:]:
             g = record["global"]
             say(f"round {record['round']}/{cfg.federation.rounds}: global accuracy {g.get('accuracy', 0):.3f}, "
-                f"sites {', '.join(sorted(record.get('sites', {})))}")
+                f"sites {', '.join(sorted(record.get('sites', {})))}{problem_text(record)}")
         seen["n"] = len(history)
 
     cmd = [flwr_executable(), "run", str(find_app_dir()), CONNECTION, "--stream", "--run-config", str(config_path)]

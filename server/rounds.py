@@ -13,6 +13,7 @@ from common.metrics import pooled_report as pool
 from common.privacy import PrivacyMonitor
 from common.training import EvalResult
 from server.rundir import RunDirectory
+from server.sites import SiteRegistry
 
 
 def _site_name(record: RecordDict, fallback: int) -> str:
@@ -40,9 +41,10 @@ def pooled_report(records: list[RecordDict], num_classes: int) -> dict[str, Any]
 class RoundRecorder:
     """Collects train/evaluate aggregates of a round and writes them when the round ends."""
 
-    def __init__(self, run: RunDirectory, num_classes: int) -> None:
+    def __init__(self, run: RunDirectory, num_classes: int, sites: SiteRegistry | None = None) -> None:
         self.run = run
         self.num_classes = num_classes
+        self.sites = sites if sites is not None else SiteRegistry(num_classes=num_classes)  # failed/rejected per round
         self.history: list[dict[str, Any]] = []
         self._train: dict[str, Any] = {}
         self._eval: dict[str, Any] = {}
@@ -80,7 +82,7 @@ class RoundRecorder:
             self.run.save_checkpoint(server_round, arrays.to_torch_state_dict())
         if not self._eval:
             return None
-        record = {"round": server_round, **self._eval, "train": self._train}
+        record = {"round": server_round, **self._eval, "train": self._train, **self.sites.end_round(server_round)}
         if self.privacy is not None:
             record["privacy"] = self.privacy.end_round(server_round)
             self.run.write_privacy(self.privacy.report())

@@ -166,6 +166,7 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
             return 130
     history = read_history(plan.run_dir)
     display.print_table(console, history)
+    _site_trouble(status)
     if status.get("status") != "completed":
         _report_failure(status, plan.run_dir)
         return 1
@@ -185,6 +186,15 @@ def _write_report(run_dir: Path) -> None:
         console.print(f"report: {build_report(run_dir)}", highlight=False)
     except Exception as err:  # noqa: BLE001 - a plotting problem must not turn a finished run into a failure
         err_console.print(f"[yellow]warning:[/yellow] report not written: {err}")
+
+
+def _site_trouble(status: dict) -> None:
+    """Sites that failed or were rejected during the run (status.json), one line per kind."""
+    for kind in ("failed", "rejected"):
+        sites = status.get(f"sites-{kind}", {})
+        if sites:
+            listed = ", ".join(f"{site} in round(s) {', '.join(map(str, e['rounds']))} ({e['last']})" for site, e in sites.items())
+            err_console.print(f"[yellow]sites {kind}:[/yellow] {listed}", highlight=False, soft_wrap=True)
 
 
 def _report_failure(status: dict, run_dir: Path) -> None:

@@ -23,7 +23,9 @@ from common.config import RunConfig
 from common.privacy import DECLINED, PrivacyBudgetStop, PrivacyMonitor, build_model_for, plan_central
 from common.privacy.report import EPSILON
 from common.weights import load_weights
+from server.sites import SiteRegistry
 from server.strategy import build_strategy, wrap_central_dp
+from server.updates import PRIVACY_METRICS
 
 pytestmark = [pytest.mark.usefixtures("task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
@@ -48,7 +50,8 @@ def _strategy(cfg: RunConfig, initial: ArrayRecord, recorded: dict):
         recorded["sites"] = [r[P.SITE][P.SITE_NAME] for r in records]
         return MetricRecord({})
 
-    strategy = build_strategy(cfg.federation, train_metrics=train_metrics, evaluate_metrics=train_metrics)
+    strategy = build_strategy(cfg.federation, train_metrics=train_metrics, evaluate_metrics=train_metrics,
+                              sites=SiteRegistry.for_config(cfg))  # replies carry the privacy mode's fields
     strategy.set_reference(initial)
     return strategy
 
@@ -87,8 +90,9 @@ def test_dp_and_non_dp_runs_exchange_weights_by_key_without_mismatches(tiny_cfg,
 def _reply(node: int, arrays: ArrayRecord, n: int, declined: str = "", eps: float = 1.0) -> Message:
     instruction = Message(RecordDict({P.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
     site = {P.SITE_NAME: f"site-{node}", **({DECLINED: declined} if declined else {})}
+    dp = {**{k: 0.0 for k in PRIVACY_METRICS}, EPSILON: eps}  # the fields a DP-SGD site reports
     content = RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1,
-                                                   EPSILON: eps}), P.SITE: ConfigRecord(site)})
+                                                   P.SKIPPED: 0, **dp}), P.SITE: ConfigRecord(site)})
     if not declined:
         content[P.ARRAYS] = arrays
     return Message(content, reply_to=instruction)

@@ -1,0 +1,158 @@
+"""What the server knows about each site during a run: node ↔ site (from the site keys), declared split sizes, failures and rejections per round."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from logging import ERROR, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.constant import ErrorCode
+from flwr.supercore import log
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+from common import protocol as P
+from common.config import RunConfig
+from server.updates import PRIVACY_METRICS, Declared, claimed_site, error_text
+
+NODE_SITES_FILE = "node-sites.json"  # written by `flower-server start` after registering the site keys
+CLIENT_APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# privacy.mode → metric keys an honest train reply carries besides TRAIN_METRICS
+EXTRA_TRAIN_METRICS = {"local": PRIVACY_METRICS, "central-adaptive-client": frozenset({KEY_NORM_BIT})}
+
+
+class SiteFailure(RuntimeError):
+    """A site failure that ends the run (data.strict=true), or too few valid replies; the message names the sites."""
+
+
+def problem_text(record: dict[str, Any]) -> str:
+    """' · failed: site (why) · rejected: site (why)' for a metrics.jsonl round record, '' when no site had trouble."""
+    return "".join(f" · {kind}: " + ", ".join(f"{site} ({why})" for site, why in record[kind].items())
+                   for kind in ("failed", "rejected") if record.get(kind))
+
+
+def write_node_sites(run_dir: Path, node_sites: dict[int, str]) -> Path:
+    """Record which Flower node id holds which site's key (node ids come from `flwr supernode register`)."""
+    path = run_dir / NODE_SITES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"nodes": {str(k): v for k, v in sorted(node_sites.items())}}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_node_sites(run_dir: Path) -> dict[int, str]:
+    """The node id → site map of a deployment ({} in simulation or --insecure: names are then only claims)."""
+    path = run_dir / NODE_SITES_FILE
+    if not path.is_file():
+        return {}
+    return {int(k): str(v) for k, v in json.loads(path.read_text())["nodes"].items()}
+
+
+def key_site(public_key: Path) -> str:
+    """The site a public key belongs to: its file name as `flower-server keys` writes it (<site>.pub)."""
+    return public_key.name[:-4] if public_key.name.endswith(".pub") else public_key.stem
+
+
+@dataclass
+class SiteRegistry:
+    """Shared by the strategy (which screens replies) and the round recorder (which writes them down)."""
+
+    node_sites: dict[int, str] = field(default_factory=dict)  # authoritative when not empty (deployment with keys)
+    strict: bool = False  # data.strict: a site's data error fails the run
+    extra_metrics: frozenset[str] = frozenset()  # train-reply keys the privacy mode adds (DP-SGD fields, norm bit)
+    num_classes: int = 2
+    declared: dict[str, Declared] = field(default_factory=dict)
+    seen: dict[int, str] = field(default_factory=dict)  # node id → site of its last valid reply (names errors)
+    round: dict[str, dict[str, str]] = field(default_factory=lambda: {"failed": {}, "rejected": {}})
+    history: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {"failed": {}, "rejected": {}})
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig, run_dir: Path | None = None) -> SiteRegistry:
+        """The registry of one run: the key bindings in its run directory, the run's strictness and DP mode."""
+        return cls(node_sites=read_node_sites(run_dir) if run_dir else {}, strict=cfg.data.strict,
+                   extra_metrics=EXTRA_TRAIN_METRICS.get(cfg.privacy.mode, frozenset()),
+                   num_classes=cfg.model.num_classes)
+
+    def name_of(self, node_id: int) -> str:
+        """The best name for a node: its key's site, else the site it last replied as, else node-<id>."""
+        return self.node_sites.get(node_id) or self.seen.get(node_id) or f"node-{node_id}"
+
+    def identify(self, replies: list[Message]) -> dict[int, tuple[str, str]]:
+        """Per reply (by index): its site and a refusal reason ('' when the reply may be screened).
+
+        With site keys the node's key decides the site and the claim must match it; without, the claim
+        stands unless two replies of one round claim the same site.
+        """
+        out: dict[int, tuple[str, str]] = {}
+        claims = Counter(claimed_site(m.content) for m in replies if not m.has_error())
+        for i, msg in enumerate(replies):
+            if msg.has_error():
+                continue
+            node, claim = msg.metadata.src_node_id, claimed_site(msg.content)
+            if self.node_sites:
+                bound = self.node_sites.get(node)
+                if bound is None:
+                    out[i] = (f"node-{node}", f"node {node} holds no registered site key")
+                elif claim != bound:
+                    out[i] = (bound, f"node {node} holds the key of site '{bound}' but calls itself '{claim or '?'}'")
+                else:
+                    out[i] = (bound, "")
+            elif not claim:
+                out[i] = (f"node-{node}", "the reply names no valid site")
+            elif claims[claim] > 1:
+                out[i] = (f"{claim}@node-{node}", f"{claims[claim]} replies of this round claim site '{claim}'")
+            else:
+                out[i] = (claim, "")
+        return out
+
+    def failed(self, phase: str, msg: Message) -> str:
+        """Record an error reply (Flower's msg.error text); raise SiteFailure for a strict-mode data error."""
+        site = self.name_of(msg.metadata.src_node_id)
+        reason = error_text(msg.error.reason) or f"error code {msg.error.code}"
+        log(ERROR, "Site %s failed to %s: %s", site, phase, reason)
+        if self.strict and msg.error.code == CLIENT_APP_RAISED and P.STRICT_FAILURE in reason:
+            raise SiteFailure(f"site {site} failed ({phase}) with data.strict=true: {reason}")
+        self._note("failed", phase, site, reason)
+        return site
+
+    def rejected(self, phase: str, site: str, reason: str) -> None:
+        """Record a reply the server will not use."""
+        log(ERROR, "Rejected %s reply from site %s: %s", phase, site, reason)
+        self._note("rejected", phase, site, reason)
+
+    def _note(self, kind: str, phase: str, site: str, reason: str) -> None:
+        entry = f"{phase}: {reason}"
+        previous = self.round[kind].get(site)
+        self.round[kind][site] = f"{previous}; {entry}" if previous else entry
+
+    def describe(self) -> str:
+        """This round's failed and rejected sites with their reasons, for an error message."""
+        parts = [f"{kind}: " + ", ".join(f"{site} ({why})" for site, why in sorted(sites.items()))
+                 for kind, sites in self.round.items() if sites]
+        return "; ".join(parts) or "no site failed or was rejected"
+
+    def end_round(self, server_round: int) -> dict[str, dict[str, str]]:
+        """This round's failures and rejections (only the non-empty kinds), kept for the final status, then reset."""
+        out = {kind: dict(sorted(sites.items())) for kind, sites in self.round.items() if sites}
+        for kind, sites in out.items():
+            for site, why in sites.items():
+                entry = self.history[kind].setdefault(site, {"rounds": [], "last": ""})
+                entry["rounds"].append(server_round)
+                entry["last"] = why
+        if out:
+            log(WARNING, "round %d: %s", server_round, self.describe())
+        self.round = {"failed": {}, "rejected": {}}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """For status.json: every site that failed or was rejected during the run, in which rounds, the last reason."""
+        pending = {kind: sites for kind, sites in self.round.items() if sites}  # a round that never ended (failure)
+        out = {f"sites-{kind}": {site: dict(e) for site, e in sites.items()} for kind, sites in self.history.items() if sites}
+        for kind, sites in pending.items():
+            for site, why in sites.items():
+                entry = out.setdefault(f"sites-{kind}", {}).setdefault(site, {"rounds": [], "last": ""})
+                entry.update(rounds=[*entry["rounds"], "unfinished"], last=why)
+        return out
