@@ -89,6 +89,8 @@ def start(
                           auth_key, insecure, port, max_restarts, connect_timeout)
     try:
         validate(options)
+        if data_root is None and get_dataset(dataset).synthetic:  # the name picks the generated hospital
+            _check_generated_site(dataset, site)
         if data_root is not None or dataset != "synthetic":
             cfg = _config(dataset, data_root, 1, [])
             summaries = get_dataset(cfg.data.dataset).check(cfg)
@@ -102,6 +104,17 @@ def start(
     log = (log_file or Path(f"{site}-supernode.log")).resolve()
     code = run_node(options, log, say=lambda line: console.print(f"[{site}] {line}", highlight=False))
     raise typer.Exit(code)
+
+
+MAX_GENERATED_SITES = 1000  # the server's federation.num-sites decides how many exist; the name's form is checked here
+
+
+def _check_generated_site(dataset: str, site: str) -> None:
+    """A generated dataset knows its site names: refuse any other --site before connecting."""
+    names = get_dataset(dataset).site_names(RunConfig().override({"data.dataset": dataset}).with_sites(MAX_GENERATED_SITES))
+    if site not in names:
+        raise ValueError(f"--site '{site}' is not a {dataset} site: they are named {names[0]}, {names[1]}, ... "
+                         "(federation.num-sites of the server's run decides how many)")
 
 
 def _config(dataset: str, root: Path | None, sites: int | None, sets: list[str]) -> RunConfig:

@@ -12,15 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-PERMANENT = {  # supernode output → one-line cause; these do not get better by retrying
-    "CERTIFICATE_VERIFY_FAILED": "TLS: the server's certificate is not signed by the CA given with --root-cert",
-    "WRONG_VERSION_NUMBER": "TLS: the server does not speak TLS (started with --insecure?)",
-}
-REFUSED = {  # retried a few times first: a server that just started may still be registering site keys
-    "code: 2004": "the server refused this site's key: it is not registered (flwr supernode register)",
-    "code: 2001": "the server requires node authentication: pass --auth-key",
-}
-REFUSAL_RETRIES = 4
+from common import protocol as P
+from client.refusals import INSECURE_AGAINST_TLS, Refusal, failed_messages, recognise, speaks_tls
+
+REGISTRATION_WAIT_S = 2.0  # one retry after "not registered": the server may be registering site keys right now
 
 
 @dataclass(frozen=True)
@@ -64,25 +59,31 @@ def validate(opt: NodeOptions) -> None:
 
 
 def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> int:
-    """Run the SuperNode; restart it after connection loss; stop for good on auth/TLS refusal."""
-    restarts = refusals = 0
+    """Run the SuperNode; restart it after connection loss; stop for good, in one line, on a refusal."""
+    if opt.insecure and speaks_tls(opt.server):  # Flower would retry this forever as "connection failed"
+        say(f"error: {INSECURE_AGAINST_TLS}")
+        return 1
+    restarts, retried = 0, False
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     while True:
         port = opt.runtime_port or _free_port()
-        say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
+        if not retried:
+            say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
         with log_path.open("ab") as log:
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=_environment())
-        code = _watch(proc, log_path, say, stop)
+        code, refusal = _watch(proc, log_path, say, stop)
         if stop["now"]:
             return 0
-        cause = _cause(log_path, PERMANENT)
-        refused = _cause(log_path, REFUSED)
-        refusals = refusals + 1 if refused else 0
-        if cause or refusals > REFUSAL_RETRIES:
-            say(f"error: {cause or refused} (log: {log_path})")
+        if refusal is not None and refusal.retry and not retried:
+            retried = True  # once, quietly: the key may be registered a moment from now
+            time.sleep(REGISTRATION_WAIT_S)
+            continue
+        if refusal is not None:
+            say(f"error: {refusal.cause} (log: {log_path})")
             return 1
+        retried = False
         restarts += 1
         if opt.max_restarts and restarts > opt.max_restarts:
             say(f"error: server {opt.server} not reachable or connection lost {restarts} times "
@@ -93,17 +94,19 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
         time.sleep(wait)
 
 
-def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict) -> int:
+def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict) -> tuple[int, Refusal | None]:
+    """Follow the SuperNode's output until it exits or refuses; report each failed message in one line."""
     seen = log_path.stat().st_size if log_path.exists() else 0
+    refusal = None
     try:
-        while proc.poll() is None:
+        while proc.poll() is None and refusal is None:
             if stop["now"]:
                 break
-            text = log_path.read_text(errors="replace")[seen:] if log_path.exists() else ""
-            for match in re.finditer(r"SuperNode ID: (\d+)", text):
-                say(f"connected: SuperNode ID {match.group(1)}; waiting for rounds")
-            seen += len(text)
-            time.sleep(1.0)
+            refusal = _follow(log_path, seen, say)
+            seen = log_path.stat().st_size if log_path.exists() else seen
+            time.sleep(0.5)
+        if refusal is None:  # it exited: its last words may name the cause
+            refusal = _follow(log_path, seen, say)
     except KeyboardInterrupt:
         stop["now"] = True
     if proc.poll() is None:
@@ -112,7 +115,23 @@ def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], s
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    return int(proc.wait())
+    return int(proc.wait()), refusal
+
+
+def _follow(log_path: Path, seen: int, say: Callable[[str], None]) -> Refusal | None:
+    """New SuperNode output since byte `seen`: connection news and failed messages said, a refusal returned."""
+    if not log_path.exists():
+        return None
+    with log_path.open("rb") as fh:
+        fh.seek(seen)
+        text = fh.read().decode(errors="replace")
+    for match in re.finditer(r"SuperNode ID: (\d+)", text):
+        say(f"connected: SuperNode ID {match.group(1)}; waiting for rounds")
+    refusal = recognise(text)
+    for line in failed_messages(text):
+        if P.REFUSED not in line:  # an identity refusal is said once, as the refusal
+            say(f"a message failed here: {line}")
+    return refusal
 
 
 def _environment() -> dict[str, str]:
@@ -121,13 +140,6 @@ def _environment() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
     return env
-
-
-def _cause(log_path: Path, causes: dict[str, str]) -> str:
-    """The cause named by the last SuperNode attempt's output, if any."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    tail = text[text.rfind("Starting Flower SuperNode"):] if "Starting Flower SuperNode" in text else text[-6000:]
-    return next((cause for marker, cause in causes.items() if marker in tail), "")
 
 
 def _free_port() -> int:

@@ -65,6 +65,18 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def mark_interrupted(run_dir: Path) -> None:
+    """After Ctrl-C / SIGTERM: status.json says 'interrupted' (a completed run stays completed)."""
+    status = read_status(run_dir)
+    if not run_dir.is_dir() or status.get("status") == "completed":
+        return
+    marked = {**status, "status": "interrupted", "interrupted-at": time.time(),
+              "note": "stopped by the operator (Ctrl-C / SIGTERM); continue with --resume"}
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(marked, indent=2))
+    tmp.replace(run_dir / STATUS_FILE)
+
+
 def write_connection(flwr_home: Path, name: str, connection: Mapping[str, Any]) -> None:
     """A private FLWR_HOME/config.toml with one named SuperLink connection (the user's ~/.flwr untouched)."""
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class RoundRecorder:
         if not self._eval:
             return None
         record = {"round": server_round, **self._eval, "train": self._train, **self.sites.end_round(server_round)}
+        self.run.write_partition(self.sites.declarations())  # deployment: the only partition the server can know
         if self.privacy is not None:
             record["privacy"] = self.privacy.end_round(server_round)
             self.run.write_privacy(self.privacy.report())

@@ -24,6 +24,8 @@ CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_MODEL = "checkpoint.safetensors"
 STRATEGY_STATE = "checkpoint-strategy.safetensors"
 PRIVACY_FILE = "privacy.json"
+PARTITION_FILE = "partition.json"
+DECLARED = "declared by the sites"  # partition.json written by the ServerApp (deployment), not by the planner
 
 
 def _clean(value: Any) -> Any:
@@ -109,6 +111,13 @@ class RunDirectory:
         """The privacy report written so far ({} when there is none): a resumed run continues it."""
         path = self.path / PRIVACY_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_partition(self, sites: Mapping[str, Any]) -> None:
+        """partition.json from what the sites declared (deployment); a simulation's own partition.json is kept."""
+        path = self.path / PARTITION_FILE
+        if path.is_file() and json.loads(path.read_text()).get("source") != DECLARED:
+            return
+        self._write(PARTITION_FILE, {"source": DECLARED, "data-kind": self.data_kind, "sites": dict(sites)})
 
     def status(self, state: str, **extra: Any) -> None:
         """Record running / completed / failed (flwr run exits 0 either way; this file tells)."""

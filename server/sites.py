@@ -147,6 +147,13 @@ class SiteRegistry:
         self.round = {"failed": {}, "rejected": {}}
         return out
 
+    def declarations(self) -> dict[str, dict[str, Any]]:
+        """Per site: its node (with site keys) and the split sizes it declared when it joined (partition.json)."""
+        nodes = {site: node for node, site in self.node_sites.items()}
+        names = sorted(set(self.declared) | set(nodes))
+        return {site: {"node": nodes.get(site), "train": self.declared.get(site, Declared()).train,
+                       "test": self.declared.get(site, Declared()).test} for site in names}
+
     def summary(self) -> dict[str, Any]:
         """For status.json: every site that failed or was rejected during the run, in which rounds, the last reason."""
         pending = {kind: sites for kind, sites in self.round.items() if sites}  # a round that never ended (failure)

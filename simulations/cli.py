@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.config import ConfigError
+from common.flwr_process import mark_interrupted
 from common.datasets import get_dataset
 from common.datasets.report import DatasetLayoutError
 from simulations import display
@@ -141,6 +142,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     rounds = plan.cfg.federation.rounds
+    if len(plan.cfg.federation.training_sites) == 1:
+        err_console.print("[yellow]warning:[/yellow] ONE site: nothing is shared between hospitals, this is local "
+                          "training run through Flower", highlight=False)
     console.print(
         f"histofed · scenario [bold]{scenario}[/bold] · {plan.cfg.federation.num_sites} sites · "
         f"{rounds} rounds · {plan.cfg.data.dataset} data · run dir {plan.run_dir}", highlight=False,
@@ -162,7 +166,8 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
         except SimulationError as err:
             status = {"status": "failed", "error": str(err)}
         except KeyboardInterrupt:
-            err_console.print("interrupted: Flower processes stopped")
+            mark_interrupted(plan.run_dir)
+            err_console.print("interrupted: Flower processes stopped (status.json: interrupted)")
             return 130
     history = read_history(plan.run_dir)
     display.print_table(console, history)

@@ -170,7 +170,7 @@ def test_client_bad_input(tmp_path: Path) -> None:
     missing = _run(BIN / "flower-client", "start", "--site", "a", "--server", "127.0.0.1:9", "--root-cert", ca,
                    "--auth-key", key, "--dataset", "breakhis", "--data-root", tmp_path / "nope", cwd=tmp_path)
     assert missing.returncode == 1 and "data root not found" in missing.stderr
-    nowhere = _run(BIN / "flower-client", "start", "--site", "a", "--server", f"127.0.0.1:{_port()}",
+    nowhere = _run(BIN / "flower-client", "start", "--site", "synthetic-hospital-0", "--server", f"127.0.0.1:{_port()}",
                    "--root-cert", ca, "--auth-key", key, "--max-restarts", "1", "--connect-timeout", "3",
                    "--log-file", tmp_path / "a.log", cwd=tmp_path)
     assert nowhere.returncode == 1 and "not reachable" in nowhere.stdout, nowhere.stdout + nowhere.stderr
