@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.config import ConfigError, RunConfig, parse_assignments
@@ -24,7 +25,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -102,7 +103,8 @@ def start(
     if insecure:
         err_console.print("[bold yellow]warning: --insecure: model updates travel unencrypted[/bold yellow]")
     log = (log_file or Path(f"{site}-supernode.log")).resolve()
-    code = run_node(options, log, say=lambda line: console.print(f"[{site}] {line}", highlight=False))
+    code = run_node(options, log, say=lambda line: console.print(escape(f"[{site}] {line}"), highlight=False,
+                                                                 soft_wrap=True))  # one line, brackets kept
     raise typer.Exit(code)
 
 

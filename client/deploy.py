@@ -73,7 +73,8 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
         with log_path.open("ab") as log:
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=_environment())
-        code, refusal = _watch(proc, log_path, say, stop)
+        tls_check = (lambda: speaks_tls(opt.server, timeout=2.0) is True) if opt.insecure else None
+        code, refusal = _watch(proc, log_path, say, stop, tls_check)
         if stop["now"]:
             return 0
         if refusal is not None and refusal.retry and not retried:
@@ -81,7 +82,8 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
             time.sleep(REGISTRATION_WAIT_S)
             continue
         if refusal is not None:
-            say(f"error: {refusal.cause} (log: {log_path})")
+            if not refusal.linger_s:  # an identity refusal was said already
+                say(f"error: {refusal.cause} (log: {log_path})")
             return 1
         retried = False
         restarts += 1
@@ -94,19 +96,31 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
         time.sleep(wait)
 
 
-def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict) -> tuple[int, Refusal | None]:
-    """Follow the SuperNode's output until it exits or refuses; report each failed message in one line."""
+def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict,
+           tls_check: Callable[[], bool] | None = None) -> tuple[int, Refusal | None]:
+    """Follow the SuperNode's output until it exits or refuses; report each failed message in one line.
+
+    `tls_check` (an --insecure node): until the node is connected, probe every 2 s whether the server
+    speaks TLS: Flower itself only retries, as for a server that is down. An identity refusal is said
+    at once and the node kept a few seconds, so that its error reply reaches the server's round table.
+    """
     seen = log_path.stat().st_size if log_path.exists() else 0
-    refusal = None
+    refusal, connected, probed = None, False, time.monotonic()
     try:
-        while proc.poll() is None and refusal is None:
-            if stop["now"]:
-                break
-            refusal = _follow(log_path, seen, say)
-            seen = log_path.stat().st_size if log_path.exists() else seen
+        while proc.poll() is None and refusal is None and not stop["now"]:
+            text, seen = _read_new(log_path, seen)
+            connected = connected or "SuperNode ID:" in text
+            refusal = _follow(text, say)
+            if refusal is None and tls_check is not None and not connected and time.monotonic() - probed > 2.0:
+                probed = time.monotonic()
+                refusal = Refusal(INSECURE_AGAINST_TLS) if tls_check() else None
             time.sleep(0.5)
         if refusal is None:  # it exited: its last words may name the cause
-            refusal = _follow(log_path, seen, say)
+            refusal = _follow(_read_new(log_path, seen, whole=True)[0], say)
+        if refusal is not None and refusal.linger_s:
+            say(f"error: {refusal.cause}; stopping (log: {log_path})")
+            if proc.poll() is None:
+                time.sleep(refusal.linger_s)
     except KeyboardInterrupt:
         stop["now"] = True
     if proc.poll() is None:
@@ -118,13 +132,20 @@ def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], s
     return int(proc.wait()), refusal
 
 
-def _follow(log_path: Path, seen: int, say: Callable[[str], None]) -> Refusal | None:
-    """New SuperNode output since byte `seen`: connection news and failed messages said, a refusal returned."""
+def _read_new(log_path: Path, seen: int, *, whole: bool = False) -> tuple[str, int]:
+    """Complete lines of SuperNode output after byte `seen` (everything when `whole`), and the new offset."""
     if not log_path.exists():
-        return None
+        return "", seen
     with log_path.open("rb") as fh:
         fh.seek(seen)
-        text = fh.read().decode(errors="replace")
+        data = fh.read()
+    if not whole:  # a line still being written is read next time, whole
+        data = data[: data.rfind(b"\n") + 1]
+    return data.decode(errors="replace"), seen + len(data)
+
+
+def _follow(text: str, say: Callable[[str], None]) -> Refusal | None:
+    """New SuperNode output: connection news and failed messages said, a refusal returned."""
     for match in re.finditer(r"SuperNode ID: (\d+)", text):
         say(f"connected: SuperNode ID {match.group(1)}; waiting for rounds")
     refusal = recognise(text)

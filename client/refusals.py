@@ -28,6 +28,7 @@ class Refusal:
 
     cause: str
     retry: bool = False
+    linger_s: float = 0.0  # keep the SuperNode this long so the ClientApp's error reply reaches the server
 
 
 def recognise(text: str) -> Refusal | None:
@@ -35,7 +36,7 @@ def recognise(text: str) -> Refusal | None:
     refused = text.find(P.REFUSED)
     if refused >= 0:
         line = text[refused:].splitlines()[0].rstrip("'\">")
-        return Refusal("refused by the server: " + line[len(P.REFUSED):].strip())
+        return Refusal("refused by the server: " + line[len(P.REFUSED):].strip(), linger_s=5.0)
     for marker, cause in FINAL.items():
         if marker in text:
             return Refusal(cause)

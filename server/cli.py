@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="histofed coordinator commands.", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -33,7 +34,7 @@ def keys(
         kit = make_kit(out, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
                        sites=[s.strip() for s in sites.split(",") if s.strip()], days=days)
     except (ValueError, FileExistsError, OSError) as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"CA certificate (every site gets a copy): {kit.ca_cert}", highlight=False)
     console.print(f"server certificate / key (server only): {kit.server_cert} / {kit.server_key}", highlight=False)
@@ -64,7 +65,7 @@ def start(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
-    say = lambda line: console.print(f"[server] {line}", highlight=False)  # noqa: E731
+    say = lambda line: console.print(escape(f"[server] {line}"), highlight=False, soft_wrap=True)  # noqa: E731
     fed = None
     try:
         fed = load_federation(config)
@@ -75,10 +76,10 @@ def start(
                               "model updates travel in clear text and any machine can join[/bold yellow]")
         status = start_federation(fed, insecure=insecure, resume=resume, say=say)
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     except FlowerRunError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         if fed is not None:
@@ -86,7 +87,7 @@ def start(
         err_console.print("interrupted: SuperLink and run stopped (status.json: interrupted); resume with --resume")
         raise typer.Exit(130) from None
     if status.get("status") != "completed":
-        err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')}", highlight=False)
+        err_console.print(f"[bold red]run failed:[/bold red] {escape(str(status.get('error', 'unknown error')))}", highlight=False)
         raise typer.Exit(1)
     if report:
         _write_report(Path(fed.server.run_dir), say)

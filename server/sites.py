@@ -16,6 +16,8 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol as P
 from common.config import RunConfig
+from common.flwr_process import read_history
+from server.rundir import DECLARED, PARTITION_FILE
 from server.updates import PRIVACY_METRICS, Declared, claimed_site, error_text
 
 NODE_SITES_FILE = "node-sites.json"  # written by `flower-server start` after registering the site keys
@@ -56,6 +58,32 @@ def key_site(public_key: Path) -> str:
     return public_key.name[:-4] if public_key.name.endswith(".pub") else public_key.stem
 
 
+def _declared_before(run_dir: Path) -> dict[str, Declared]:
+    """A resumed deployment keeps what its sites declared when they joined (partition.json, written by the ServerApp)."""
+    path = run_dir / PARTITION_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("source") != DECLARED:
+        return {}
+    return {site: Declared(train=v.get("train"), test=v.get("test")) for site, v in saved.get("sites", {}).items()
+            if isinstance(v, dict) and isinstance(v.get("train"), int)}
+
+
+def _no_problems() -> dict[str, dict[str, dict[str, Any]]]:
+    return {"failed": {}, "rejected": {}}
+
+
+def _problems_before(run_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """A resumed run's final status still lists the sites that failed or were rejected before the resume."""
+    history = _no_problems()
+    for record in read_history(run_dir):
+        for kind, sites in history.items():
+            for site, why in record.get(kind, {}).items():
+                entry = sites.setdefault(site, {"rounds": [], "last": ""})
+                entry["rounds"].append(record.get("round"))
+                entry["last"] = why
+    return history
+
+
 @dataclass
 class SiteRegistry:
     """Shared by the strategy (which screens replies) and the round recorder (which writes them down)."""
@@ -67,14 +95,15 @@ class SiteRegistry:
     declared: dict[str, Declared] = field(default_factory=dict)
     seen: dict[int, str] = field(default_factory=dict)  # node id → site of its last valid reply (names errors)
     round: dict[str, dict[str, str]] = field(default_factory=lambda: {"failed": {}, "rejected": {}})
-    history: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {"failed": {}, "rejected": {}})
+    history: dict[str, dict[str, dict[str, Any]]] = field(default_factory=_no_problems)
 
     @classmethod
     def for_config(cls, cfg: RunConfig, run_dir: Path | None = None) -> SiteRegistry:
         """The registry of one run: the key bindings in its run directory, the run's strictness and DP mode."""
         return cls(node_sites=read_node_sites(run_dir) if run_dir else {}, strict=cfg.data.strict,
                    extra_metrics=EXTRA_TRAIN_METRICS.get(cfg.privacy.mode, frozenset()),
-                   num_classes=cfg.model.num_classes)
+                   num_classes=cfg.model.num_classes, declared=_declared_before(run_dir) if run_dir else {},
+                   history=_problems_before(run_dir) if run_dir and cfg.output.resume else _no_problems())
 
     def name_of(self, node_id: int) -> str:
         """The best name for a node: its key's site, else the site it last replied as, else node-<id>."""

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.config import ConfigError
@@ -32,7 +33,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -157,7 +158,7 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
         def poll() -> None:
             history = read_history(plan.run_dir)
             for record in history[seen["n"]:]:
-                progress.console.print(display.round_line(record, rounds), highlight=False)
+                progress.console.print(escape(display.round_line(record, rounds)), highlight=False)
                 progress.update(task, completed=record["round"], description="training")
             seen["n"] = len(history)
 
@@ -199,11 +200,11 @@ def _site_trouble(status: dict) -> None:
         sites = status.get(f"sites-{kind}", {})
         if sites:
             listed = ", ".join(f"{site} in round(s) {', '.join(map(str, e['rounds']))} ({e['last']})" for site, e in sites.items())
-            err_console.print(f"[yellow]sites {kind}:[/yellow] {listed}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]sites {kind}:[/yellow] {escape(listed)}", highlight=False, soft_wrap=True)
 
 
 def _report_failure(status: dict, run_dir: Path) -> None:
-    err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')} (log: {run_dir / 'flower.log'})", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]run failed:[/bold red] {escape(str(status.get('error', 'unknown error')))} (log: {run_dir / 'flower.log'})", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

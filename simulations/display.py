@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from server.sites import problem_text
@@ -34,7 +35,7 @@ def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
         table.add_column(name, justify="right")
     for record in history:
         rows = [("global (pooled)", record["global"]), *sorted(record.get("sites", {}).items()),
-                *((f"{site}: {kind[:-2]} ({why[:70]})", {}) for kind in ("failed", "rejected")
+                *((escape(f"{site}: {kind[:-2]} ({why[:70]})"), {}) for kind in ("failed", "rejected")
                   for site, why in record.get(kind, {}).items())]
         for i, (scope, values) in enumerate(rows):
             table.add_row(

@@ -180,3 +180,15 @@ def test_without_keys_two_replies_claiming_one_site_are_both_rejected() -> None:
                                              _reply(3, _state(5.0))])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 3), 1.0, dtype=np.float32))
     assert all("2 replies of this round claim site 'site-3'" in why for why in registry.round["rejected"].values())
+
+
+def test_a_resumed_deployment_keeps_the_sizes_its_sites_declared(tmp_path) -> None:
+    from common.config import RunConfig
+    from server.rundir import RunDirectory
+
+    cfg = RunConfig().override({"output.run-dir": str(tmp_path)})
+    run = RunDirectory.for_config(cfg, data_kind="synthetic")
+    registry = SiteRegistry(node_sites={5: "h-1"}, declared={"h-1": Declared(train=40, test=8)})
+    run.write_partition(registry.declarations())
+    again = SiteRegistry.for_config(cfg, tmp_path)
+    assert again.declared == {"h-1": Declared(train=40, test=8)}
