@@ -43,6 +43,7 @@ class KeyedAggregation:
     on_declined: Callable[[int, Mapping[str, tuple[MetricRecord, str]], int], None] | None = None
 
     max_update_norm: float = 0.0
+    _prescreened: set[int] = frozenset()  # type: ignore[assignment]  # ids of replies screened before a DP wrapper
     # rounds completed before a resume: Flower numbers the resumed rounds from 1 again, but FedAdam's
     # bias correction (and every message here) needs the run's true round
     round_offset: int = 0
@@ -144,6 +145,14 @@ class KeyedAggregation:
             self.on_declined(server_round, declined, sum(not msg.has_error() for msg in kept))
         return kept
 
+    def prescreen(self, replies: list[Message]) -> list[Message]:
+        """For a central-DP wrapper, which clips replies before this strategy sees them: the error replies as they
+        are (the wrapper skips such a round), the valid replies rebuilt, the rest left out (logged, counted)."""
+        valid = self._screened(replies, "train")
+        errors = [msg for msg in replies if msg.has_error()]
+        self._prescreened = {id(msg) for msg in valid + errors}
+        return errors + valid
+
     def _like_reference(self, arrays: ArrayRecord) -> ArrayRecord:
         assert self.reference is not None
         return _cast(arrays, {k: self.reference[k].dtype for k in self.reference.keys()})
@@ -156,7 +165,12 @@ class KeyedAggregation:
         """
         identities = self.sites.identify(replies)
         kept: list[tuple[str, Message]] = []
+        done, self._prescreened = self._prescreened, set()
         for i, msg in enumerate(replies):
+            if id(msg) in done:  # screened before a central-DP wrapper clipped it (see prescreen)
+                if not msg.has_error():
+                    kept.append((str(msg.content[P.SITE][P.SITE_NAME]), msg))
+                continue
             if msg.has_error():
                 self.sites.failed(phase, msg)
                 continue
@@ -286,13 +300,22 @@ def wrap_central_dp(strategy: Strategy, plan: CentralPlan, privacy: PrivacyConfi
     """
     z, norm, sampled = plan.noise_multiplier, plan.clipping_norm, plan.num_sampled
     if plan.mode == "central-fixed-server":
-        return DifferentialPrivacyServerSideFixedClipping(strategy, z, norm, sampled)
+        return _screened_first(DifferentialPrivacyServerSideFixedClipping)(strategy, z, norm, sampled)
     if plan.mode == "central-fixed-client":
-        return DifferentialPrivacyClientSideFixedClipping(strategy, z, norm, sampled)
+        return _screened_first(DifferentialPrivacyClientSideFixedClipping)(strategy, z, norm, sampled)
     adaptive = {"initial_clipping_norm": norm, "target_clipped_quantile": privacy.target_clipped_quantile,
                 "clip_norm_lr": privacy.clip_norm_lr, "clipped_count_stddev": max(sampled / 20, 1.58 * z)}
     if plan.mode == "central-adaptive-server":
-        return DifferentialPrivacyServerSideAdaptiveClipping(strategy, z, sampled, **adaptive)
+        return _screened_first(DifferentialPrivacyServerSideAdaptiveClipping)(strategy, z, sampled, **adaptive)
     if plan.mode == "central-adaptive-client":
-        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, z, sampled, **adaptive)
+        return _screened_first(DifferentialPrivacyClientSideAdaptiveClipping)(strategy, z, sampled, **adaptive)
     raise ValueError(f"privacy.mode '{plan.mode}' is not a central-DP mode")
+
+
+def _screened_first(wrapper: type[Strategy]) -> type[Strategy]:
+    """A Flower central-DP wrapper that lets the wrapped strategy screen the replies before it clips them."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+        return wrapper.aggregate_train(self, server_round, self.strategy.prescreen(list(replies)))
+
+    return type(wrapper.__name__, (wrapper,), {"aggregate_train": aggregate_train, "__doc__": wrapper.__doc__})

@@ -192,3 +192,20 @@ def test_a_resumed_deployment_keeps_the_sizes_its_sites_declared(tmp_path) -> No
     run.write_partition(registry.declarations())
     again = SiteRegistry.for_config(cfg, tmp_path)
     assert again.declared == {"h-1": Declared(train=40, test=8)}
+
+
+def test_a_central_dp_wrapper_sees_only_screened_replies(tiny_cfg) -> None:
+    from common.privacy import plan_central
+    from server.strategy import wrap_central_dp
+
+    cfg = tiny_cfg.override({"privacy.mode": "central-fixed-server", "privacy.noise-multiplier": 1.0})
+    registry = SiteRegistry.for_config(cfg)
+    strategy = build_strategy(cfg.federation, train_metrics=lambda r, k: MetricRecord({}),
+                              evaluate_metrics=lambda r, k: MetricRecord({}), sites=registry)
+    strategy.set_reference(_record(REF))
+    wrapped = wrap_central_dp(strategy, plan_central(cfg), cfg.privacy)
+    wrapped.current_arrays = _record(REF)  # what its configure_train records
+    crafted = _reply(3, _state(w=np.full((2, 3), "nan")))  # would reach Flower's clipping code unscreened
+    arrays, _ = wrapped.aggregate_train(1, [_reply(1, _state(0.5)), crafted, _reply(2, _state(0.5))])
+    assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()
+    assert "dtype of 'w' is <U3" in registry.round["rejected"]["site-3"]
