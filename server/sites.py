@@ -137,9 +137,9 @@ class SiteRegistry:
                 out[i] = (claim, "")
         return out
 
-    def failed(self, phase: str, msg: Message) -> str:
-        """Record an error reply (Flower's msg.error text); raise SiteFailure for a strict-mode data error."""
-        site = self.name_of(msg.metadata.src_node_id)
+    def failed(self, phase: str, msg: Message, node_id: int | None = None) -> str:
+        """Record an error reply (Flower's msg.error text) of node_id; raise SiteFailure for a strict-mode data error."""
+        site = self.name_of(msg.metadata.src_node_id if node_id is None else node_id)
         reason = error_text(msg.error.reason) or f"error code {msg.error.code}"
         log(ERROR, "Site %s failed to %s: %s", site, phase, reason)
         if self.strict and msg.error.code == CLIENT_APP_RAISED and P.STRICT_FAILURE in reason:

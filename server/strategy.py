@@ -44,6 +44,7 @@ class KeyedAggregation:
 
     max_update_norm: float = 0.0
     _prescreened: set[int] = frozenset()  # type: ignore[assignment]  # ids of replies screened before a DP wrapper
+    _sent: list[Message] = []  # the last instructions sent (configure_train / configure_evaluate)
     # rounds completed before a resume: Flower numbers the resumed rounds from 1 again, but FedAdam's
     # bias correction (and every message here) needs the run's true round
     round_offset: int = 0
@@ -88,6 +89,7 @@ class KeyedAggregation:
                 content = RecordDict(dict(msg.content.items()))  # the same arrays, a config of its own
                 content[P.CONFIG] = ConfigRecord({**msg.content[P.CONFIG], P.EXPECTED_SITE: site})
                 msg.content = content
+        self._sent = messages  # the grid sets their message ids: a SuperLink's error reply names only that id
         return messages
 
     def aggregate_train(
@@ -166,13 +168,14 @@ class KeyedAggregation:
         identities = self.sites.identify(replies)
         kept: list[tuple[str, Message]] = []
         done, self._prescreened = self._prescreened, set()
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         for i, msg in enumerate(replies):
             if id(msg) in done:  # screened before a central-DP wrapper clipped it (see prescreen)
                 if not msg.has_error():
                     kept.append((str(msg.content[P.SITE][P.SITE_NAME]), msg))
                 continue
-            if msg.has_error():
-                self.sites.failed(phase, msg)
+            if msg.has_error():  # "Node Unavailable" comes from the SuperLink: its instruction names the node
+                self.sites.failed(phase, msg, sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
                 continue
             site, refusal = identities[i]
             try:

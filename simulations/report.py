@@ -88,11 +88,12 @@ def plot_epsilon(history: list[dict[str, Any]], path: Path) -> Path | None:
 def plot_attention(run_dir: Path, cfg: RunConfig, path: Path, count: int = 6) -> Path | None:
     """Attention overlays of the final global model on the first test patches of site 0."""
     weights = run_dir / "model.safetensors"
-    if cfg.model.architecture != "hybrid" or not weights.is_file():
-        return None
+    entry = get_dataset(cfg.data.dataset)
+    if cfg.model.architecture != "hybrid" or not weights.is_file() or not (entry.synthetic or cfg.data.root):
+        return None  # a deployment's server holds no images: the sites' data never leaves them
     model = build_model_for(cfg.model, cfg.privacy, load_pretrained=False)
     load_weights(model, read_state_dict(weights))
-    split = get_dataset(cfg.data.dataset).load_split(cfg, cfg.federation.training_sites[0], "test")
+    split = entry.load_split(cfg, cfg.federation.training_sites[0], "test")
     picks = [split[i] for i in range(min(count, len(split)))]
     images = np.stack([img for img, _ in picks if img is not None])
     heat, probs = attention_maps(model, images)

@@ -209,3 +209,14 @@ def test_a_central_dp_wrapper_sees_only_screened_replies(tiny_cfg) -> None:
     arrays, _ = wrapped.aggregate_train(1, [_reply(1, _state(0.5)), crafted, _reply(2, _state(0.5))])
     assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()
     assert "dtype of 'w' is <U3" in registry.round["rejected"]["site-3"]
+
+
+def test_a_superlinks_node_unavailable_reply_is_named_by_its_instruction() -> None:
+    strategy, registry = _strategy(SiteRegistry(node_sites={7: "h-7", 1: "h-1"}))
+    instruction = Message(RecordDict({P.CONFIG: ConfigRecord()}), dst_node_id=7, message_type=MessageType.TRAIN)
+    instruction.metadata.__dict__["_message_id"] = "instruction-7"  # as the grid sets it when pushing
+    strategy._sent = [instruction]
+    lost = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=instruction)
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id, not the node's
+    strategy.aggregate_train(1, [_reply(1, _state(), site="h-1"), lost])
+    assert list(registry.round["failed"]) == ["h-7"]
