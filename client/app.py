@@ -118,6 +118,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         result = evaluate(model, data, device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
                           channels_last=cfg.train.channels_last)
         metrics = P.encode_eval(result)
-        if int(msg.content[P.CONFIG].get(P.SERVER_ROUND, 0)) <= 1:  # joining: declare the training-split size
+        config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+        if int(config.get(P.SERVER_ROUND, 0)) <= 1:  # joining (round 0, or 1 after a resume): declare the train size
             metrics[P.TRAIN_EXAMPLES] = len(dataset.load_split(cfg, site.index, "train"))
     return _reply(msg, site, metrics)
