@@ -131,7 +131,7 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
             out, seconds = _refused(proc, t0)
             lines = [ln for ln in out.splitlines() if "error:" in ln]
             assert proc.returncode == 1 and len(lines) == 1 and fragment in lines[0], out
-            print(f"refused ({fragment}) after {seconds:.0f} s")
+            print(f"refused ({fragment}) {seconds:.0f} s after the server was launched")
 
         run, deadline = tmp_path / "run", time.monotonic() + 600
         _wait(deadline, lambda: len(_rounds(run)) >= 1)  # round 0 evaluated: round 1 training starts now
