@@ -134,7 +134,8 @@ def _non_finite(draw: st.DrawFn, spec: dict, case: Case) -> str:
     base = spec["arrays"].get(key)
     if base is None or base.dtype.kind != "f" or base.shape != REFERENCE[key].shape:
         base = REFERENCE[key]
-    value = base.astype(case.transfer)
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = base.astype(case.transfer)
     value.flat[draw(st.integers(0, value.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     spec["arrays"][key] = value
     return f"non-finite {key}"
