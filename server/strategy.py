@@ -169,6 +169,7 @@ class KeyedAggregation:
         kept: list[tuple[str, Message]] = []
         done, self._prescreened = self._prescreened, set()
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        decoded: dict[str, np.ndarray] | None = None
         for i, msg in enumerate(replies):
             if id(msg) in done:  # screened before a central-DP wrapper clipped it (see prescreen)
                 if not msg.has_error():
@@ -184,9 +185,11 @@ class KeyedAggregation:
                 if phase == "train":
                     if self.reference is None:
                         raise Rejected("the server has no global model to check the update against")
+                    if decoded is None:  # decoded once per round, only when a reply needs it
+                        decoded = {k: np.asarray(self.reference[k].numpy()) for k in self.reference.keys()}
                     content = screen_train(msg.content, self.reference, declared=self.sites.declared.get(site, Declared()),
                                            transfer_dtype=self.transfer_dtype, max_norm=self.max_update_norm,
-                                           extra_metrics=self.sites.extra_metrics)
+                                           extra_metrics=self.sites.extra_metrics, decoded=decoded)
                 else:
                     content, announced = screen_evaluate(msg.content, declared=self.sites.declared.get(site, Declared()),
                                                          num_classes=self.sites.num_classes)

@@ -33,9 +33,12 @@ class Declared:
     test: int | None = None
 
 
-def check_arrays(reference: ArrayRecord, got: object, *, transfer_dtype: str = "float32",
-                 max_norm: float = 0.0) -> ArrayRecord:
-    """The reply's arrays cast to the reference dtypes, or Rejected: keys, shapes, dtypes, finiteness, ranges, norm."""
+def check_arrays(reference: ArrayRecord, got: object, *, transfer_dtype: str = "float32", max_norm: float = 0.0,
+                 decoded: Mapping[str, np.ndarray] | None = None) -> ArrayRecord:
+    """The reply's arrays cast to the reference dtypes, or Rejected: keys, shapes, dtypes, finiteness, ranges, norm.
+
+    `decoded`: the reference's arrays already decoded (a round screens many replies against one model).
+    """
     if not isinstance(got, ArrayRecord):
         raise Rejected(f"no '{P.ARRAYS}' ArrayRecord in the reply")
     missing = [k for k in reference.keys() if k not in got]
@@ -47,7 +50,7 @@ def check_arrays(reference: ArrayRecord, got: object, *, transfer_dtype: str = "
     for key in reference.keys():
         master = np.dtype(reference[key].dtype)
         value = _decode(key, got[key], tuple(reference[key].shape), _allowed(master, transfer_dtype))
-        old = np.asarray(reference[key].numpy())
+        old = decoded[key] if decoded is not None else np.asarray(reference[key].numpy())
         if np.issubdtype(master, np.floating):
             with np.errstate(over="ignore", invalid="ignore"):
                 value = value.astype(master)  # float16 → float32 cannot overflow; the check is after the cast anyway
@@ -145,14 +148,16 @@ def check_scalars(metrics: Mapping[str, object], keys: Sequence[str]) -> None:
 
 
 def screen_train(content: RecordDict, reference: ArrayRecord, *, declared: Declared, transfer_dtype: str = "float32",
-                 max_norm: float = 0.0, extra_metrics: frozenset[str] = frozenset()) -> RecordDict:
+                 max_norm: float = 0.0, extra_metrics: frozenset[str] = frozenset(),
+                 decoded: Mapping[str, np.ndarray] | None = None) -> RecordDict:
     """A train reply rebuilt from checked parts (arrays in the master dtypes), or Rejected."""
     metrics = single_record(content, "train")
     check_metric_keys(metrics, TRAIN_METRICS | extra_metrics)
     check_scalars(metrics, [k for k in metrics.keys() if k != P.NUM_EXAMPLES])
     check_count(P.NUM_EXAMPLES, metrics[P.NUM_EXAMPLES], limit=declared.train)
     check_count(P.SKIPPED, metrics[P.SKIPPED], limit=None, minimum=0)
-    arrays = check_arrays(reference, content.array_records[P.ARRAYS], transfer_dtype=transfer_dtype, max_norm=max_norm)
+    arrays = check_arrays(reference, content.array_records[P.ARRAYS], transfer_dtype=transfer_dtype, max_norm=max_norm,
+                          decoded=decoded)
     return RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(dict(metrics)), P.SITE: site_record(content)})
 
 
