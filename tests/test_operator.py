@@ -77,3 +77,21 @@ def test_a_synthetic_site_name_is_checked_before_connecting(tmp_path: Path, monk
     assert result.exit_code == (0 if ok else 1), result.output
     if not ok:
         assert "is not a synthetic site" in result.output and "synthetic-hospital-0" in result.output
+
+
+def test_two_keys_for_one_site_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    from common.config import ConfigError
+    from server.deploy import check_ready, load_federation
+    from server.keys import make_kit
+    from server.sites import key_site
+
+    kit = make_kit(tmp_path / "certs", hosts=["localhost"], sites=["a"])
+    copy = tmp_path / "other" / "a.pub"  # a second key file named for site a
+    copy.parent.mkdir()
+    copy.write_bytes(kit.site_keys["a"][1].read_bytes())
+    config = tmp_path / "federation.toml"
+    config.write_text(f'[server]\nport = 1\nca-cert = "{kit.ca_cert}"\nserver-cert = "{kit.server_cert}"\n'
+                      f'server-key = "{kit.server_key}"\nsite-keys = ["{kit.site_keys["a"][1]}", "{copy}"]\n')
+    with pytest.raises(ConfigError, match="two keys for site 'a'"):
+        check_ready(load_federation(config), insecure=False)
+    assert key_site(kit.site_keys["a"][1]) == "a"
