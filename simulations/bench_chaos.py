@@ -58,15 +58,15 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _federation(tmp: Path, kit, sites: int, rounds: int) -> Path:
+def _federation(tmp: Path, kit, sites: int, rounds: int, minimum: int) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": _port(), "ca-cert": str(kit.ca_cert), "server-cert": str(kit.server_cert),
                    "server-key": str(kit.server_key), "run-dir": "run",
                    "site-keys": [str(pub) for _, pub in kit.site_keys.values()]},
         "run": {"model": TINY, "data": {"dataset": "synthetic", "train-per-site": 32, "test-per-site": 16},
                 "train": {"batch-size": 16, "num-threads": 1},
-                "federation": {"num-sites": sites, "rounds": rounds, "min-train-sites": 2, "min-evaluate-sites": 2,
-                               "min-available-sites": 2, "round-timeout-s": 600.0}},
+                "federation": {"num-sites": sites, "rounds": rounds, "min-train-sites": minimum,
+                               "min-evaluate-sites": minimum, "min-available-sites": 2, "round-timeout-s": 600.0}},
     }
     path = tmp / "federation.toml"
     path.write_text(tomli_w.dumps(config))
@@ -90,7 +90,7 @@ def chaos(args: argparse.Namespace, tmp: Path) -> dict:
     """Run the federation under chaos; return the events and the end-of-run checks."""
     names = [f"synthetic-hospital-{i}" for i in range(args.sites)]
     kit = make_kit(tmp / "kit", hosts=["localhost", "127.0.0.1"], sites=names)
-    config = _federation(tmp, kit, args.sites, args.rounds)
+    config = _federation(tmp, kit, args.sites, args.rounds, args.min_sites)
     port = __import__("tomllib").loads(config.read_text())["server"]["port"]
     run, log = tmp / "run", tmp / "server.out"
     rng = random.Random(args.seed)
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kill-every", type=float, default=60.0)
     parser.add_argument("--down", type=float, default=20.0)
     parser.add_argument("--server-kill-after", type=int, default=5, help="kill the server once this round is recorded")
+    parser.add_argument("--min-sites", type=int, default=2,
+                        help="federation.min-train-sites and min-evaluate-sites: fewer valid replies fail the run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=7200.0)
     parser.add_argument("--keep", type=Path, default=None, help="keep the work folder (logs, run directory) here")
