@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextlib
 import functools
+from collections.abc import Iterator
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,7 +17,8 @@ from torch import nn
 
 from common import protocol as P
 from common.config import ModelConfig, PrivacyConfig, RunConfig
-from common.datasets.registry import load_site
+from common.datasets.images import BadImageError
+from common.datasets.registry import get_dataset, load_site
 from common.fedbn import keep_local_norm, local_norm_path, restore_local_norm
 from common.model import build_model_for
 from common.privacy.ledger import ledger_path
@@ -25,7 +30,7 @@ from common.site_state import state_path
 from common.training import evaluate, prepare, select_device, train_local
 from common.weights import load_weights
 from client import timing
-from client.site import Site, node_view
+from client.site import Site, SiteRefused, node_view
 
 app = ClientApp()
 
@@ -45,6 +50,10 @@ def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallab
 
 def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[RunConfig, Site, nn.Module, torch.device]:
     cfg, site = node_view(RunConfig.from_flat(context.run_config), context.node_config)
+    expected = msg.content.config_records.get(P.CONFIG, ConfigRecord()).get(P.EXPECTED_SITE)
+    if expected is not None and expected != site.name:  # the server binds sites to keys: a mismatch is refused
+        raise SiteRefused(f"{P.REFUSED} its key is registered for site '{expected}' but it calls itself "
+                          f"'{site.name}' (flower-client start --site)")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
@@ -53,6 +62,17 @@ def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[Ru
     if cfg.federation.local_norm and own_norm:  # FedBN: this site's own normalization layers over the global ones
         restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
+
+
+@contextlib.contextmanager
+def _strict(cfg: RunConfig, site: Site) -> Iterator[None]:
+    """With data.strict=true an unreadable image fails the message, marked so the server fails the run."""
+    try:
+        yield
+    except BadImageError as err:
+        if cfg.data.strict:
+            raise BadImageError(f"site {site.name}: {err} {P.STRICT_FAILURE}") from err
+        raise
 
 
 def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None, declined: str = "",
@@ -69,6 +89,17 @@ def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None =
     return Message(content=content, reply_to=msg)
 
 
+@contextlib.contextmanager
+def _strict(cfg: RunConfig, site: Site) -> Iterator[None]:
+    """With data.strict=true an unreadable image fails the message, marked so the server fails the run."""
+    try:
+        yield
+    except BadImageError as err:
+        if cfg.data.strict:
+            raise BadImageError(f"site {site.name}: {err} {P.STRICT_FAILURE}") from err
+        raise
+
+
 @app.train(mods=[_central_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split (DP-SGD within its budget when privacy.mode=local); reply with weights, loss, counts.
@@ -79,6 +110,13 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[P.CONFIG]
     evaluation = _evaluation(msg, context)[1] if config.get(P.EVALUATE_RECEIVED, False) else None
     cfg, site, model, device = _setup(msg, context)
+    with _strict(cfg, site):
+        return _train(msg, context, cfg, site, model, device, evaluation)
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig, site: Site, model: nn.Module, device: torch.device,
+           evaluation: dict | None) -> Message:
+    config = msg.content[P.CONFIG]
     server_round = int(config.get(P.SERVER_ROUND, 0))  # the run's true round (the server numbers across resumes)
     data = load_site(cfg, site.index, "train")
     seed = site_seed(cfg.train.seed, server_round, site.index)
@@ -129,14 +167,18 @@ def _evaluation(msg: Message, context: Context) -> tuple[Site, dict]:
     With FedBN the same weights are also scored under this site's own norm layers (none yet: the global).
     """
     cfg, site, model, device = _setup(msg, context, own_norm=False)
-    data = load_site(cfg, site.index, "test")
-    timing.stamp(timing.READY)
-    run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
-                            channels_last=cfg.train.channels_last)
-    result = run(model)
-    metrics = P.encode_eval(result)
-    if cfg.federation.local_norm:
-        own = restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
-        metrics.update(P.encode_eval(run(model) if own else result, prefix=P.PERSONALISED))
+    with _strict(cfg, site):
+        data = load_site(cfg, site.index, "test")
+        timing.stamp(timing.READY)
+        run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp,
+                                num_workers=cfg.train.num_workers, channels_last=cfg.train.channels_last)
+        result = run(model)
+        metrics = P.encode_eval(result)
+        if cfg.federation.local_norm:
+            own = restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
+            metrics.update(P.encode_eval(run(model) if own else result, prefix=P.PERSONALISED))
+        config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+        if int(config.get(P.SERVER_ROUND, 0)) <= 1:  # joining (round 0, or 1 after a resume): declare the train size
+            metrics[P.TRAIN_EXAMPLES] = len(get_dataset(cfg.data.dataset).load_split(cfg, site.index, "train"))
     timing.stamp(timing.EVALUATED)
     return site, metrics

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.config import RunConfig, parse_assignments
@@ -27,7 +28,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -94,6 +95,8 @@ def start(
                           auth_key, insecure, port, max_restarts, connect_timeout, warm, task_poll_interval)
     try:
         validate(options)
+        if data_root is None and get_dataset(dataset).synthetic:  # the name picks the generated hospital
+            _check_generated_site(dataset, site)
         if data_root is not None or dataset != "synthetic":
             cfg = _config(dataset, data_root, 1, [])
             summaries = get_dataset(cfg.data.dataset).check(cfg)
@@ -105,7 +108,8 @@ def start(
     if insecure:
         err_console.print("[bold yellow]warning: --insecure: model updates travel unencrypted[/bold yellow]")
     log = (log_file or Path(f"{site}-supernode.log")).resolve()
-    code = run_node(options, log, say=lambda line: console.print(f"[{site}] {line}", highlight=False))
+    code = run_node(options, log, say=lambda line: console.print(escape(f"[{site}] {line}"), highlight=False,
+                                                                 soft_wrap=True))  # one line, brackets kept
     raise typer.Exit(code)
 
 
@@ -161,6 +165,17 @@ def _guarded(action: Callable[[], str]) -> None:
     except (ExportError, OSError, RuntimeError) as err:
         _fail(f"{type(err).__name__}: {err}".splitlines()[0], 1)
     console.print(line, highlight=False, soft_wrap=True)
+
+
+MAX_GENERATED_SITES = 1000  # the server's federation.num-sites decides how many exist; the name's form is checked here
+
+
+def _check_generated_site(dataset: str, site: str) -> None:
+    """A generated dataset knows its site names: refuse any other --site before connecting."""
+    names = get_dataset(dataset).site_names(RunConfig().override({"data.dataset": dataset}).with_sites(MAX_GENERATED_SITES))
+    if site not in names:
+        raise ValueError(f"--site '{site}' is not a {dataset} site: they are named {names[0]}, {names[1]}, ... "
+                         "(federation.num-sites of the server's run decides how many)")
 
 
 def _config(dataset: str, root: Path | None, sites: int | None, sets: list[str]) -> RunConfig:

@@ -13,17 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import protocol as P
 from common.ports import free_port
+from client.refusals import INSECURE_AGAINST_TLS, Refusal, failed_messages, recognise, speaks_tls
 
-PERMANENT = {  # supernode output → one-line cause; these do not get better by retrying
-    "CERTIFICATE_VERIFY_FAILED": "TLS: the server's certificate is not signed by the CA given with --root-cert",
-    "WRONG_VERSION_NUMBER": "TLS: the server does not speak TLS (started with --insecure?)",
-}
-REFUSED = {  # retried a few times first: a server that just started may still be registering site keys
-    "code: 2004": "the server refused this site's key: it is not registered (flwr supernode register)",
-    "code: 2001": "the server requires node authentication: pass --auth-key",
-}
-REFUSAL_RETRIES = 4
+REGISTRATION_WAIT_S = 2.0  # one retry after "not registered": the server may be registering site keys right now
 
 
 @dataclass(frozen=True)
@@ -71,9 +65,12 @@ def validate(opt: NodeOptions) -> None:
 
 
 def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> int:
-    """Run the SuperNode (and its warm worker); restart it after connection loss; stop for good on auth/TLS refusal."""
+    """Run the SuperNode (and its warm worker); restart it after connection loss; stop for good, in one line, on a refusal."""
     from client.worker import started_worker
 
+    if opt.insecure and speaks_tls(opt.server):  # Flower would retry this forever as "connection failed"
+        say(f"error: {INSECURE_AGAINST_TLS}")
+        return 1
     worker_log = log_path.with_name(f"{opt.site}-worker.log")
     with started_worker(worker_log, say) if opt.warm else contextlib.nullcontext({}) as worker_env:
         env = {**_environment(), **worker_env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{opt.task_poll_interval:g}"}
@@ -81,24 +78,29 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
 
 
 def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env: dict[str, str]) -> int:
-    restarts = refusals = 0
+    restarts, retried = 0, False
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     while True:
         port = opt.runtime_port or free_port()
-        say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
+        if not retried:
+            say(f"connecting to {opt.server} as '{opt.site}' (local runtime port {port})")
         with log_path.open("ab") as log:
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        code = _watch(proc, log_path, say, stop)
+        tls_check = (lambda: speaks_tls(opt.server, timeout=2.0) is True) if opt.insecure else None
+        code, refusal = _watch(proc, log_path, say, stop, tls_check)
         if stop["now"]:
             return 0
-        cause = _cause(log_path, PERMANENT)
-        refused = _cause(log_path, REFUSED)
-        refusals = refusals + 1 if refused else 0
-        if cause or refusals > REFUSAL_RETRIES:
-            say(f"error: {cause or refused} (log: {log_path})")
+        if refusal is not None and refusal.retry and not retried:
+            retried = True  # once, quietly: the key may be registered a moment from now
+            time.sleep(REGISTRATION_WAIT_S)
+            continue
+        if refusal is not None:
+            if not refusal.linger_s:  # an identity refusal was said already
+                say(f"error: {refusal.cause} (log: {log_path})")
             return 1
+        retried = False
         restarts += 1
         if opt.max_restarts and restarts > opt.max_restarts:
             say(f"error: server {opt.server} not reachable or connection lost {restarts} times "
@@ -109,17 +111,31 @@ def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env
         time.sleep(wait)
 
 
-def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict) -> int:
+def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict,
+           tls_check: Callable[[], bool] | None = None) -> tuple[int, Refusal | None]:
+    """Follow the SuperNode's output until it exits or refuses; report each failed message in one line.
+
+    `tls_check` (an --insecure node): until the node is connected, probe every 2 s whether the server
+    speaks TLS: Flower itself only retries, as for a server that is down. An identity refusal is said
+    at once and the node kept a few seconds, so that its error reply reaches the server's round table.
+    """
     seen = log_path.stat().st_size if log_path.exists() else 0
+    refusal, connected, probed = None, False, time.monotonic()
     try:
-        while proc.poll() is None:
-            if stop["now"]:
-                break
-            text = log_path.read_text(errors="replace")[seen:] if log_path.exists() else ""
-            for match in re.finditer(r"SuperNode ID: (\d+)", text):
-                say(f"connected: SuperNode ID {match.group(1)}; waiting for rounds")
-            seen += len(text)
-            time.sleep(1.0)
+        while proc.poll() is None and refusal is None and not stop["now"]:
+            text, seen = _read_new(log_path, seen)
+            connected = connected or "SuperNode ID:" in text
+            refusal = _follow(text, say)
+            if refusal is None and tls_check is not None and not connected and time.monotonic() - probed > 2.0:
+                probed = time.monotonic()
+                refusal = Refusal(INSECURE_AGAINST_TLS) if tls_check() else None
+            time.sleep(0.5)
+        if refusal is None:  # it exited: its last words may name the cause
+            refusal = _follow(_read_new(log_path, seen, whole=True)[0], say)
+        if refusal is not None and refusal.linger_s:
+            say(f"error: {refusal.cause}; stopping (log: {log_path})")
+            if proc.poll() is None:
+                time.sleep(refusal.linger_s)
     except KeyboardInterrupt:
         stop["now"] = True
     if proc.poll() is None:
@@ -128,7 +144,30 @@ def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], s
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    return int(proc.wait())
+    return int(proc.wait()), refusal
+
+
+def _read_new(log_path: Path, seen: int, *, whole: bool = False) -> tuple[str, int]:
+    """Complete lines of SuperNode output after byte `seen` (everything when `whole`), and the new offset."""
+    if not log_path.exists():
+        return "", seen
+    with log_path.open("rb") as fh:
+        fh.seek(seen)
+        data = fh.read()
+    if not whole:  # a line still being written is read next time, whole
+        data = data[: data.rfind(b"\n") + 1]
+    return data.decode(errors="replace"), seen + len(data)
+
+
+def _follow(text: str, say: Callable[[str], None]) -> Refusal | None:
+    """New SuperNode output: connection news and failed messages said, a refusal returned."""
+    for match in re.finditer(r"SuperNode ID: (\d+)", text):
+        say(f"connected: SuperNode ID {match.group(1)}; waiting for rounds")
+    refusal = recognise(text)
+    for line in failed_messages(text):
+        if P.REFUSED not in line:  # an identity refusal is said once, as the refusal
+            say(f"a message failed here: {line}")
+    return refusal
 
 
 def _environment() -> dict[str, str]:
@@ -137,10 +176,3 @@ def _environment() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
     return env
-
-
-def _cause(log_path: Path, causes: dict[str, str]) -> str:
-    """The cause named by the last SuperNode attempt's output, if any."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    tail = text[text.rfind("Starting Flower SuperNode"):] if "Starting Flower SuperNode" in text else text[-6000:]
-    return next((cause for marker, cause in causes.items() if marker in tail), "")

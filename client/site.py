@@ -10,6 +10,10 @@ from common.config import RunConfig
 from common.datasets.registry import data_kind, get_dataset
 
 
+class SiteRefused(RuntimeError):
+    """The server's key binding names another site than this node's --site."""
+
+
 @dataclass(frozen=True)
 class Site:
     """A site's index in the dataset's site list and its name."""

@@ -171,7 +171,7 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds to wait for replies")
     transfer_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of float arrays on the wire (float16 halves bytes; fp32 master weights stay on the server)")
     holdout_site: int = Field(-1, ge=-1, description="site index kept out of training (-1 = none)")
-    max_update_norm: float = Field(0.0, ge=0.0, description="reject updates farther than this (L2) from the global model (0 = no bound)")
+    max_update_norm: float = Field(0.0, ge=0.0, description="reject updates farther than this (L2 over every array, integer counters included) from the global model (0 = no bound)")
     local_norm: bool = Field(False, description="FedBN/SiloBN: normalization layers stay at each site, never sent or averaged")
     evaluate_with_train: bool = Field(False, description="one message per site and round: the train reply also carries the evaluation of the model it received (same metrics; needs fraction-train = fraction-evaluate = 1)")
 

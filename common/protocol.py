@@ -34,6 +34,12 @@ PERSONALISED = "personalised/"  # prefix of the evaluation counts of a site's pe
 PATIENTS = "patients"  # patient-level sums (no identifiers): count, sum of per-patient accuracies, histogram
 PATIENT_SCORE_SUM = "patient-score-sum"
 PATIENT_HIST = "patient-accuracy-hist"
+TRAIN_EXAMPLES = "train-examples"  # a site's training-split size, declared with its round-0 evaluation
+EXPECTED_SITE = "expected-site"  # the site the node's key is registered for (sent when the server knows it)
+
+# Markers in error text that server and site both recognise
+STRICT_FAILURE = "(data.strict=true)"  # ends a ClientApp's data error in strict mode: the server fails the run
+REFUSED = "histofed refused this node:"  # starts a ClientApp's identity refusal: `flower-client start` stops on it
 
 
 def encode_eval(result: EvalResult, prefix: str = "") -> dict[str, int | float | list[int]]:

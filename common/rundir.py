@@ -45,6 +45,8 @@ class RunDirectory:
     FLWR_HOME = ".flwr"
     SUPERLINK_LOG = "superlink.log"
     STATE_DB = "state.db"
+    NODE_SITES = "node-sites.json"  # deployment: which SuperNode id belongs to which site's key
+    DECLARED = "declared by the sites"  # source of a partition record written by the ServerApp (deployment)
     SITE_STATE = "privacy-ledger"  # per-site state in simulation: ledgers, FedBN layers
 
     def __init__(self, path: Path, *, data_kind: str = "unknown") -> None:
@@ -219,6 +221,26 @@ class RunDirectory:
         """Record which patients each site holds (an audit record: a run can be checked and repeated)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._write(self.PARTITION, partition)
+
+    def write_declared_partition(self, sites: Mapping[str, Any]) -> None:
+        """The partition record from what the sites declared (deployment); a simulation's own record is kept."""
+        path = self.path / self.PARTITION
+        if path.is_file() and json.loads(path.read_text()).get("source") != self.DECLARED:
+            return
+        self._write(self.PARTITION, {"source": self.DECLARED, "data-kind": self.data_kind, "sites": dict(sites)})
+
+    def read_declared_partition(self) -> dict[str, Any]:
+        """The sites' declarations from an earlier process of this run ({} when the record is the planner's)."""
+        saved = self.read_partition()
+        return dict(saved.get("sites", {})) if saved.get("source") == self.DECLARED else {}
+
+    def mark_interrupted(self) -> None:
+        """After Ctrl-C / SIGTERM: the status says 'interrupted' (a completed run stays completed)."""
+        status = self.read_status()
+        if not self.path.is_dir() or status.get("status") == "completed":
+            return
+        self._write(self.STATUS, {**status, "status": "interrupted", "interrupted-at": time.time(),
+                                  "note": "stopped by the operator (Ctrl-C / SIGTERM); continue with --resume"})
 
     def write_status(self, state: str, **extra: Any) -> None:
         """Record running / completed / failed (flwr run exits 0 either way; this file tells)."""

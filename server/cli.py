@@ -28,7 +28,7 @@ def keys(
     days: Annotated[int, typer.Option(help="certificate validity in days")] = 825,
 ) -> None:
     """Create a CA, a server certificate for the hosts and one SuperNode key pair per site."""
-    from server.keys import make_kit
+    from server.keys import CA_DIR, make_kit
 
     try:
         kit = make_kit(out, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
@@ -36,12 +36,15 @@ def keys(
     except (ValueError, FileExistsError, OSError) as err:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
-    console.print(f"CA certificate (give to every site): {kit.ca_cert}", highlight=False)
+    console.print(f"CA certificate (every site gets a copy): {kit.ca_cert}", highlight=False)
     console.print(f"server certificate / key (server only): {kit.server_cert} / {kit.server_key}", highlight=False)
     for site, (private, public) in kit.site_keys.items():
-        console.print(f"{site}: private key {private} (give to that site only), public key {public} (server)",
-                      highlight=False)
-    console.print(f"keep {out / 'ca.key'} offline: it signs server certificates", highlight=False)
+        console.print(f"{site}: hand over the folder {private.parent} (its private key + ca.crt, nothing else); "
+                      f"public key {public} stays on the server", highlight=False)
+    console.print(f"CA private key: {out / CA_DIR / 'ca.key'} — keep it offline and never hand it out "
+                  "(it signs server certificates); it is not in any site's folder", highlight=False)
+    if len(kit.site_keys) == 1:
+        err_console.print("[yellow]warning:[/yellow] one site: a federation needs at least two hospitals", highlight=False)
 
 
 @app.command()
@@ -49,11 +52,13 @@ def start(
     config: Annotated[Path, typer.Option(help="federation.toml: [server] settings and the [run.*] histofed config")],
     insecure: Annotated[bool, typer.Option(help="no TLS and no node authentication: local tests only")] = False,
     resume: Annotated[bool, typer.Option(help="continue the run in [server] run-dir from its last checkpoint")] = False,
+    report: Annotated[bool, typer.Option(help="write the HTML report at the end (as flower-sim does)")] = True,
 ) -> None:
     """Start the SuperLink (TLS + node authentication), register site keys, run histofed; exit 1 if the run failed."""
     import signal
 
     from common.errors import ConfigError
+    from common.rundir import RunDirectory
     from server.deploy import load_federation, start_federation
     from server.launch import FlowerRunError
     from server.tracking import preflight
@@ -62,10 +67,13 @@ def start(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
-    say = lambda line: console.print(f"[server] {line}", highlight=False)  # noqa: E731
+    say = lambda line: console.print(escape(f"[server] {line}"), highlight=False, soft_wrap=True)  # noqa: E731
+    fed = None
     try:
         fed = load_federation(config)
         preflight(fed.run)
+        if len(fed.run.federation.training_sites) == 1:
+            err_console.print("[bold yellow]WARNING: ONE site: nothing is shared between hospitals[/bold yellow]")
         if insecure:
             err_console.print("[bold yellow]WARNING: --insecure: no TLS, no node authentication; "
                               "model updates travel in clear text and any machine can join[/bold yellow]")
@@ -77,11 +85,15 @@ def start(
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: SuperLink and run stopped; resume with --resume")
+        if fed is not None:
+            RunDirectory(Path(fed.server.run_dir)).mark_interrupted()
+        err_console.print("interrupted: SuperLink and run stopped (status: interrupted); resume with --resume")
         raise typer.Exit(130) from None
     if status.get("status") != "completed":
-        err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')}", highlight=False)
+        err_console.print(f"[bold red]run failed:[/bold red] {escape(str(status.get('error', 'unknown error')))}", highlight=False)
         raise typer.Exit(1)
+    if report:
+        _write_report(Path(fed.server.run_dir), say)
     say(f"completed · run directory {fed.server.run_dir}")
 
 
@@ -105,6 +117,26 @@ def status(
         raise typer.Exit(1) from None
     for line in status_lines(report):
         console.print(line, highlight=False)
+
+
+def _write_report(run_dir: Path, say) -> None:
+    """The report flower-sim writes (simulations/run_report.build_report), through `flower-sim report`: server/ never imports simulations/."""
+    import subprocess
+    import sys
+
+    from common.rundir import RunDirectory
+
+    tool = Path(sys.executable).parent / "flower-sim"
+    try:
+        done = subprocess.run([str(tool), "report", str(run_dir)], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        err_console.print(f"[yellow]warning:[/yellow] report not written: {err}", highlight=False)
+        return
+    if done.returncode != 0:  # a plotting problem must not turn a finished run into a failure
+        err_console.print(f"[yellow]warning:[/yellow] report not written: {(done.stderr or done.stdout).strip()[-300:]}",
+                          highlight=False)
+        return
+    say(f"report: {RunDirectory(run_dir).file(RunDirectory.REPORT_HTML)}")
 
 
 def main() -> None:

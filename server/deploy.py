@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from server.launch import (
     FlowerRunError, find_app_dir, flwr_environment, flwr_executable, submit_and_wait, write_connection,
     write_run_config,
 )
+from server.sites import key_site, problem_text, read_node_sites, write_node_sites
 
 CONNECTION = "histofed-federation"
 
@@ -88,6 +90,10 @@ def check_ready(fed: Federation, *, insecure: bool) -> None:
                 raise ConfigError(f"[server] {key}: file not found: {p or '(not set)'} (make them with `flower-server keys`)")
     if not insecure and not s.site_keys:
         raise ConfigError("[server] site-keys is empty: node authentication admits no site")
+    names = [key_site(Path(k)) for k in s.site_keys]  # a key's file name is its site: two keys, one site is ambiguous
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"[server] site-keys: two keys for site '{twice[0]}' (a key's file name names its site)")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
         try:
@@ -131,9 +137,9 @@ def start_federation(
     try:
         _wait_listening(superlink, fed.server.port, superlink_log)
         say(f"SuperLink listening on {fed.server.host}:{fed.server.port} ({'INSECURE' if insecure else 'TLS + node authentication'})")
-        for key in fed.server.site_keys:
-            _register(key, run.flwr_home)
-            say(f"registered site key {Path(key).name}")
+        nodes = _register_sites(fed.server.site_keys, run, say)
+        if not insecure:  # with node authentication a node id is its key: the ServerApp binds sites to nodes
+            write_node_sites(run, nodes)
     except BaseException:
         superlink.terminate()
         superlink.wait(timeout=10)
@@ -145,7 +151,7 @@ def start_federation(
         for record in history[seen["n"]:]:
             g = record["global"]
             say(f"round {record['round']}/{cfg.federation.rounds}: global accuracy {g.get('accuracy', 0):.3f}, "
-                f"sites {', '.join(sorted(record.get('sites', {})))}")
+                f"sites {', '.join(sorted(record.get('sites', {})))}{problem_text(record)}")
         seen["n"] = len(history)
 
     cmd = [flwr_executable(), "run", str(find_app_dir()), CONNECTION, "--stream", "--run-config", str(config_path)]
@@ -166,12 +172,39 @@ def _wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float
     raise FlowerRunError(f"flower-superlink did not listen on port {port} within {timeout:g} s (log: {log})")
 
 
-def _register(key: str, flwr_home: Path) -> None:
+def _register_sites(keys: list[str], run: RunDirectory, say: Callable[[str], None]) -> dict[int, str]:
+    """Register every site key; node id → site (the key's file name). A resumed run's keys are already registered."""
+    known = {site: node for node, site in read_node_sites(run).items()}
+    nodes: dict[int, str] = {}
+    for key in keys:
+        site = key_site(Path(key))
+        node = _register(key, run.flwr_home) or known.get(site)
+        if node is None:
+            raise FlowerRunError(f"site key {key} is registered already but {run.file(RunDirectory.NODE_SITES)} does not "
+                                 "name its node (a state database from another run?)")
+        nodes[node] = site
+        say(f"registered site key {Path(key).name}: site {site} is node {node}")
+    return nodes
+
+
+def _register(key: str, flwr_home: Path) -> int | None:
+    """`flwr supernode register`: the node id Flower gives this key, or None when the key is registered already."""
     for attempt in range(10):  # the Control API can lag the port by a moment
-        done = subprocess.run([flwr_executable(), "supernode", "register", key, CONNECTION], capture_output=True,
-                              text=True, env=flwr_environment(flwr_home), timeout=120)
+        done = subprocess.run([flwr_executable(), "supernode", "register", key, CONNECTION, "--format", "json"],
+                              capture_output=True, text=True, env=flwr_environment(flwr_home), timeout=120)
         out = done.stdout + done.stderr
-        if done.returncode == 0 and "error" not in out.lower() or "already" in out.lower():
-            return
+        reply = _json_reply(done.stdout)
+        if reply.get("success") and reply.get("node-id"):
+            return int(reply["node-id"])
+        if "already in use" in out.lower():
+            return None
         time.sleep(1.0 + attempt)
     raise FlowerRunError(f"could not register site key {key}: {out.strip().splitlines()[-1] if out.strip() else done.returncode}")
+
+
+def _json_reply(stdout: str) -> dict[str, Any]:
+    start = stdout.find("{")
+    try:
+        return json.loads(stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}

@@ -31,6 +31,8 @@ from common.privacy.preflight import preflight
 from common.rundir import RunDirectory
 from server.exchange import Exchange, evaluation_views, send_and_receive
 from server.rounds import RoundRecorder, site_name
+from server.sites import SiteRegistry
+from server.updates import Rejected, check_scalars
 from server.strategy import build_strategy, restore_strategy_state, strategy_state, wrap_central_dp
 
 
@@ -43,10 +45,11 @@ class FederationRun:
         self.on_round = on_round  # e.g. MLflow tracking (server/tracking.py): every round's line as written
         synthetic = get_dataset(cfg.data.dataset).synthetic  # DP settings are checked before any training
         central = preflight(cfg, num_examples=cfg.data.train_per_site if synthetic else None)
-        self.recorder = RoundRecorder(run, cfg.model.num_classes)
+        self.sites = SiteRegistry.for_config(cfg, run)  # node ↔ site (site keys), declared sizes, round problems
+        self.recorder = RoundRecorder(run, cfg.model.num_classes, self.sites)
         self.monitor = PrivacyMonitor(cfg, central) if cfg.privacy.spec.private else None
         self.keyed = build_strategy(cfg.federation, train_metrics=self.recorder.aggregate_train,
-                                    evaluate_metrics=self.recorder.aggregate_evaluate)
+                                    evaluate_metrics=self.recorder.aggregate_evaluate, sites=self.sites)
         torch.manual_seed(cfg.train.seed)  # the initial weights follow the run's seed
         initial = ArrayRecord(build_model_for(cfg.model, cfg.privacy).state_dict())  # DP-compatible when privacy is on
         self.completed = 0  # rounds completed before this process (a resume continues after them)
@@ -123,7 +126,7 @@ class FederationRun:
         if evaluates is not None:  # the model these sites received (self.arrays) was round `evaluates`'s
             self.strategy.aggregate_evaluate(evaluates, evaluation_views(exchange))
             self._end_round(evaluates)
-        replies = without_declined(server_round, exchange.replies, self.monitor)
+        replies = without_declined(server_round, exchange.replies, self.monitor, self.sites)
         if not replies:  # every sampled site declined: the model stays as it is
             return
         norm = getattr(self.strategy, "clipping_norm", None)  # central DP: the norm this round was clipped at
@@ -155,9 +158,12 @@ class FederationRun:
 
 
 
-def without_declined(server_round: int, replies: list[Message], monitor: PrivacyMonitor | None) -> list[Message]:
+def without_declined(
+    server_round: int, replies: list[Message], monitor: PrivacyMonitor | None, sites: SiteRegistry | None = None,
+) -> list[Message]:
     """Leave out sites that declined to train (their privacy budget is spent), logged and reported to the monitor.
 
+    Only numbers reach the monitor: a decline whose metrics are not finite numbers is recorded as rejected.
     The monitor applies privacy.on-budget-exhausted: it raises PrivacyBudgetStop when the run must stop.
     """
     declined: dict[str, tuple[MetricRecord, str]] = {}
@@ -168,7 +174,14 @@ def without_declined(server_round: int, replies: list[Message], monitor: Privacy
             kept.append(msg)
             continue
         site = site_name(msg.content, i)
-        declined[site] = (msg.content.metric_records.get(P.METRICS, MetricRecord()), str(reason))
+        metrics = msg.content.metric_records.get(P.METRICS, MetricRecord())
+        try:
+            check_scalars(metrics, list(metrics.keys()))
+        except Rejected as err:
+            if sites is not None:
+                sites.rejected("train", site, f"declined with malformed metrics: {err}")
+            continue
+        declined[site] = (metrics, str(reason)[:300])
         log(WARNING, "Site %s declined to train: %s", site, reason)
     if declined and monitor is not None:
         monitor.declined(server_round, declined, sum(not msg.has_error() for msg in kept))

@@ -45,15 +45,20 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
+CA_DIR = "ca"  # out/ca/ca.key: signs server certificates; stays offline, never handed out
+SITES_DIR = "sites"  # out/sites/<site>/: everything one hospital receives (its private key and ca.crt), nothing else
+
+
 def make_kit(out: Path, *, hosts: list[str], sites: list[str], days: int = 825) -> SecurityKit:
-    """Create ca.crt/ca.key, server.pem/server.key (SAN = hosts) and <site>/<site>.pub key pairs in out."""
+    """Create the kit: out/ca/ca.key (offline), out/ca.crt, out/server.pem + server.key and out/<site>.pub (server),
+    and per site out/sites/<site>/<site> (private key) + ca.crt: the folder handed to that hospital."""
     if not hosts or not sites:
         raise ValueError("give at least one server host/IP and one site name")
     bad = [s for s in sites if not s or "/" in s or s.startswith(".")]
     if bad:
         raise ValueError(f"invalid site name '{bad[0]}'")
     out.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in (out / "ca.key", out / "server.key") if p.exists()]
+    existing = [p for p in (out / CA_DIR / "ca.key", out / "ca.key", out / "server.key") if p.exists()]
     if existing:
         raise FileExistsError(f"{existing[0]} exists: refusing to overwrite a consortium's keys")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -82,10 +87,14 @@ def make_kit(out: Path, *, hosts: list[str], sites: list[str], days: int = 825) 
         server_key=_write(out / "server.key", _pem_key(server_key), private=True),
         site_keys={},
     )
-    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    (out / CA_DIR).mkdir(mode=0o700, exist_ok=True)
+    _write(out / CA_DIR / "ca.key", _pem_key(ca_key), private=True)
     for site in sites:
         key = ec.generate_private_key(CURVE)
         private = key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        kit.site_keys[site] = (_write(out / site, private, private=True), _write(out / f"{site}.pub", public, private=False))
+        handout = out / SITES_DIR / site
+        handout.mkdir(parents=True, exist_ok=True)
+        _write(handout / "ca.crt", kit.ca_cert.read_bytes(), private=False)
+        kit.site_keys[site] = (_write(handout / site, private, private=True), _write(out / f"{site}.pub", public, private=False))
     return kit

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from common import protocol as P
 from common.metrics import EvalResult, pooled_report, pooled_scores
 from common.rundir import RunDirectory
+from server.sites import SiteRegistry
 
 
 def site_name(record: RecordDict, fallback: int) -> str:
@@ -49,9 +50,10 @@ def _report(per_site: dict[str, EvalResult], personal: dict[str, EvalResult]) ->
 class RoundRecorder:
     """Collects a round's train and evaluate aggregates (Flower's metric-aggregation hooks) and writes its line."""
 
-    def __init__(self, run: RunDirectory, num_classes: int) -> None:
+    def __init__(self, run: RunDirectory, num_classes: int, sites: SiteRegistry | None = None) -> None:
         self.run = run
         self.num_classes = num_classes
+        self.sites = sites if sites is not None else SiteRegistry(num_classes=num_classes)  # failed/rejected per round
         self.history: list[dict[str, Any]] = []
         self.train_metrics: dict[str, dict[str, Any]] = {}  # this round's raw train metrics per site
         self._train: dict[str, Any] = {}
@@ -84,7 +86,9 @@ class RoundRecorder:
         if not self._eval:
             self._train, self.train_metrics = {}, {}
             return None
-        record = {"round": server_round, **self._eval, "train": self._train, **(extra or {})}
+        record = {"round": server_round, **self._eval, "train": self._train, **self.sites.end_round(server_round),
+                  **(extra or {})}
+        self.run.write_declared_partition(self.sites.declarations())  # deployment: the only partition the server knows
         self.run.log_round(record)
         self.run.write_scores(server_round, self._scores)  # the latest round's score histograms (ROC in the report)
         self.history.append(record)

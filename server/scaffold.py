@@ -32,14 +32,14 @@ class Scaffold(FedAvg):
         self.num_sites = num_sites
         self.c_global: dict[str, np.ndarray] = {}  # empty = zeros: the sites know the parameter keys
         self.federation_id = {"id": np.array([secrets.randbelow(2**62)], dtype=np.int64)}  # a dict: strategy state
-        self._sent: ArrayRecord | None = None
+        self._sent_model: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's messages, each also carrying c and the federation id."""
         config[P.SCAFFOLD_FEDERATION] = int(self.federation_id["id"][0])
-        self._sent = arrays
+        self._sent_model = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = ArrayRecord({k: Array(v) for k, v in self.c_global.items()})
         for msg in messages:
@@ -67,7 +67,8 @@ class Scaffold(FedAvg):
         if arrays is None or not deltas:
             return arrays, metrics
         mean_y = {k: np.asarray(arrays[k].numpy()) for k in arrays.keys()}
-        x = {k: np.asarray(self._sent[k].numpy()) for k in self._sent.keys()} if self._sent is not None else mean_y
+        sent = self._sent_model
+        x = {k: np.asarray(sent[k].numpy()) for k in sent.keys()} if sent is not None else mean_y
         new_x, self.c_global = server_update(
             x, mean_y, self.c_global, weighted_mean(deltas, weights), server_lr=self.server_lr,
             participation=min(1.0, len(deltas) / max(self.num_sites, 1)),
@@ -83,7 +84,8 @@ class Scaffold(FedAvg):
             return f"'{P.SCAFFOLD_DELTA}' keys differ from the other sites'"
         for key in keys:
             value = np.asarray(delta[key].numpy())
-            if self._sent is not None and (key not in self._sent or tuple(self._sent[key].shape) != value.shape):
+            sent = self._sent_model
+            if sent is not None and (key not in sent or tuple(sent[key].shape) != value.shape):
                 return f"'{P.SCAFFOLD_DELTA}' entry '{key}' does not fit the global model"
             if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                 return f"'{P.SCAFFOLD_DELTA}' entry '{key}' is not finite floating point"

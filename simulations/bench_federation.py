@@ -151,6 +151,8 @@ def _federated_once(overrides: dict[str, Any], run_dir: Path, scenario: str, tim
         "accuracy": status.get("final", {}).get("accuracy"),
         "peak-rss-mib (largest ray client worker)": round(max(workers) / MIB, 1) if workers else None,
         "peak-uss-mib (largest ray client worker)": round(max(uss.values()) / MIB, 1) if uss else None,
+        "mean-rss-mib (ray client workers)": round(sum(workers) / len(workers) / MIB, 1) if workers else None,
+        "mean-uss-mib (ray client workers)": round(sum(uss.values()) / len(uss) / MIB, 1) if uss else None,
         "ray-client-workers": len(workers),
         "peak-rss-mib (all flower+ray processes)": round(peak_total / MIB, 1),
         "data-kind": status.get("data-kind"),

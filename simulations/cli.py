@@ -144,6 +144,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     rounds = plan.cfg.federation.rounds
+    if len(plan.cfg.federation.training_sites) == 1:
+        err_console.print("[yellow]warning:[/yellow] ONE site: nothing is shared between hospitals, this is local "
+                          "training run through Flower", highlight=False)
     console.print(
         f"histofed · scenario [bold]{scenario}[/bold] · {plan.cfg.federation.num_sites} sites · "
         f"{rounds} rounds · {plan.cfg.data.dataset} data · run dir {plan.run_dir}", highlight=False,
@@ -156,7 +159,7 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
         def poll() -> None:
             history = plan.run.history()
             for record in history[seen["n"]:]:
-                progress.console.print(display.round_line(record, rounds), highlight=False)
+                progress.console.print(escape(display.round_line(record, rounds)), highlight=False)
                 progress.update(task, completed=record["round"], description="training")
             seen["n"] = len(history)
 
@@ -165,10 +168,12 @@ def _execute(plan: SimulationPlan, scenario: str, *, report: bool = True) -> int
         except FlowerRunError as err:
             status = {"status": "failed", "error": str(err)}
         except KeyboardInterrupt:
-            err_console.print("interrupted: Flower processes stopped")
+            plan.run.mark_interrupted()
+            err_console.print("interrupted: Flower processes stopped (status: interrupted)")
             return 130
     history = plan.run.history()
     display.print_table(console, history)
+    _site_trouble(status)
     if status.get("status") != "completed":
         _report_failure(status, plan.run_dir)
         return 1
@@ -198,9 +203,18 @@ def _write_report(run_dir: Path) -> None:
         err_console.print(f"[yellow]warning:[/yellow] report not logged to MLflow: {err}")
 
 
+def _site_trouble(status: dict) -> None:
+    """Sites that failed or were rejected during the run (status.json), one line per kind."""
+    for kind in ("failed", "rejected"):
+        sites = status.get(f"sites-{kind}", {})
+        if sites:
+            listed = ", ".join(f"{site} in round(s) {', '.join(map(str, e['rounds']))} ({e['last']})" for site, e in sites.items())
+            err_console.print(f"[yellow]sites {kind}:[/yellow] {escape(listed)}", highlight=False, soft_wrap=True)
+
+
 def _report_failure(status: dict, run_dir: Path) -> None:
     log = RunDirectory(run_dir).file(RunDirectory.FLOWER_LOG)
-    err_console.print(f"[bold red]run failed:[/bold red] {status.get('error', 'unknown error')} (log: {log})",
+    err_console.print(f"[bold red]run failed:[/bold red] {escape(str(status.get('error', 'unknown error')))} (log: {log})",
                       highlight=False, soft_wrap=True)
 
 

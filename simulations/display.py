@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from server.sites import problem_text
 
 COLUMNS = ("precision", "recall", "f1", "specificity", "iou", "accuracy", "auc", "loss")
 
@@ -15,11 +18,11 @@ def _fmt(value: Any) -> str:
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
-    """One-line summary of a finished round for the progress display."""
+    """One-line summary of a finished round for the progress display (failed and rejected sites named)."""
     g = record["global"]
     return (
         f"round {record['round']}/{rounds}: global accuracy {_fmt(g.get('accuracy'))}, "
-        f"F1 {_fmt(g.get('f1'))}, AUC {_fmt(g.get('auc'))} ({record.get('data-kind', '?')} data)"
+        f"F1 {_fmt(g.get('f1'))}, AUC {_fmt(g.get('auc'))} ({record.get('data-kind', '?')} data)" + problem_text(record)
     )
 
 
@@ -31,7 +34,9 @@ def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
     for name in COLUMNS:
         table.add_column(name, justify="right")
     for record in history:
-        rows = [("global (pooled)", record["global"]), *sorted(record.get("sites", {}).items())]
+        rows = [("global (pooled)", record["global"]), *sorted(record.get("sites", {}).items()),
+                *((escape(f"{site}: {kind[:-2]} ({why[:70]})"), {}) for kind in ("failed", "rejected")
+                  for site, why in record.get(kind, {}).items())]
         for i, (scope, values) in enumerate(rows):
             table.add_row(
                 str(record["round"]) if i == 0 else "",

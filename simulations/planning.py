@@ -82,6 +82,7 @@ def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
     partition = get_dataset(cfg.data.dataset).partition(cfg)  # also validates the data root before anything starts
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = (opt.run_dir or Path("runs") / f"{opt.scenario}-{stamp}").resolve()
+    _writable_dir(path)
     run = RunDirectory(path)
     if cfg.output.resume and not run.has_checkpoint():
         raise ConfigError(f"nothing to resume: {run.file(RunDirectory.CHECKPOINT)} does not exist")
@@ -93,6 +94,19 @@ def make_plan(opt: RunOptions, cfg: RunConfig | None = None) -> SimulationPlan:
     cfg = cfg.override({"output.run-dir": str(path)})
     return SimulationPlan(cfg, path, find_app_dir(), opt.cpus_per_site or 1, ray_cpus,
                           _gpu_share(opt.gpus_per_site, cfg), opt.timeout, opt.ray_address)
+
+
+def _writable_dir(path: Path) -> None:
+    """The run directory is a folder this process can write (created if missing), else a one-line ConfigError."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--run-dir {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--run-dir {path} cannot be written ({err.strerror or err})") from None
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -324,6 +324,19 @@ def test_file_in_wrong_folder_is_an_error(own_tree: Path, tmp_path: Path, source
     assert src.name in str(err.value) and "not where its name puts it" in str(err.value)
 
 
+def test_a_file_added_later_inside_a_magnification_folder_is_seen(own_tree: Path, tmp_path: Path) -> None:
+    # Prepare: the index is cached, then a benign image is copied (misplaced) into a malignant 100X folder
+    before = scan(own_tree, tmp_path)
+    benign = next(p for p in sorted(own_tree.rglob("*.png")) if "/benign/" in p.as_posix())
+    target = next(p for p in sorted(own_tree.rglob("100X")) if "/malignant/" in p.as_posix())
+    shutil.copy(benign, target / benign.name)
+    # Execute / Assert: the cache key changed, the tree is walked again and the misplaced file refused
+    with pytest.raises(DatasetLayoutError, match="not where its name puts it"):
+        scan(own_tree, tmp_path)
+    (target / benign.name).unlink()
+    assert scan(own_tree, tmp_path) == before
+
+
 def test_corrupt_png_is_counted_or_raises_when_strict(own_tree: Path, tmp_path: Path) -> None:
     # Prepare
     cfg = _cfg(own_tree, tmp_path)

@@ -49,20 +49,29 @@ def _federation(tmp: Path, kit, *, rounds: int, sites: int, run_dir: str = "run"
     return path
 
 
-def _server(config: Path, *extra: str) -> subprocess.Popen:
+def _server(config: Path, *extra: str, out: Path | None = None) -> subprocess.Popen:
+    sink = out.open("w") if out else subprocess.PIPE
     return subprocess.Popen([str(BIN / "flower-server"), "start", "--config", str(config), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
+                            stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
                             start_new_session=True)
 
 
-def _client(tmp: Path, site: str, port: int, key: Path, ca: Path, data: Path) -> subprocess.Popen:
+def _client(tmp: Path, site: str, port: int, key: Path | None, ca: Path | None, data: Path, *,
+            name: str = "") -> subprocess.Popen:
+    tls = ["--root-cert", str(ca)] if ca else ["--insecure"]
     return subprocess.Popen(
-        [str(BIN / "flower-client"), "start", "--site", site, "--server", f"127.0.0.1:{port}", "--root-cert", str(ca),
-         "--auth-key", str(key), "--dataset", "breakhis", "--data-root", str(data),
-         "--log-file", str(tmp / f"{site}.log")],
+        [str(BIN / "flower-client"), "start", "--site", site, "--server", f"127.0.0.1:{port}", *tls,
+         *(["--auth-key", str(key)] if key else []), "--dataset", "breakhis", "--data-root", str(data),
+         "--log-file", str(tmp / f"{name or site}.log")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp, start_new_session=True,
-        env={**os.environ, "HISTOFED_CACHE": str(tmp / f"cache-{site}")},
+        env={**os.environ, "HISTOFED_CACHE": str(tmp / f"cache-{name or site}")},
     )
+
+
+def _refused(proc: subprocess.Popen, started: float) -> tuple[str, float]:
+    """The client's output and how long it took to exit after `started`."""
+    out, _ = proc.communicate(timeout=300)
+    return out, time.monotonic() - started
 
 
 def _kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -89,38 +98,56 @@ def _rounds(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp_path: Path) -> None:
-    """One deployment (suite time): strangers refused, a hospital kill -9'd mid-round, the server killed and resumed.
+    """One deployment (suite time): strangers and an impostor refused, a hospital kill -9'd mid-round, the server killed and resumed.
 
     That a resumed run ends on the very weights of an uninterrupted one is checked in simulation
     (tests/test_e2e.py); here the processes, TLS, node auth and Flower's state DB are what is tested.
     """
-    kit = make_kit(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], sites=["h-1", "h-2", "h-3"])
+    kit = make_kit(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], sites=["h-1", "h-2", "h-3", "h-4"])
     data = {s: get_dataset("breakhis").write_fixture(tmp_path / f"data-{s}", size=(70, 46), seed=i)
             for i, s in enumerate(kit.site_keys)}
     fed = _federation(tmp_path, kit, rounds=2, sites=3, available=2)
     port = tomllib.loads(fed.read_text())["server"]["port"]
     tracked = _with_mlflow(fed, tmp_path / "mlflow.db")  # issue 18: MLflow; the resume continues the same MLflow run
-    server = _server(fed)
+    server_out = tmp_path / "server.out"
+    server = _server(fed, out=server_out)
     started = [server]
     try:
-        clients = {s: _client(tmp_path, s, port, key, kit.ca_cert, data[s]) for s, (key, _) in kit.site_keys.items()}
-        started += list(clients.values())
+        # refusals while the server starts: each one line, exit 1 (times printed; bench_refusals measures them)
         stranger = make_kit(tmp_path / "stranger", hosts=["localhost"], sites=["rogue"])
-        rogue = _client(tmp_path, "rogue", port, stranger.site_keys["rogue"][0], kit.ca_cert, data["h-1"])
-        wrong_ca = _client(tmp_path, "no-ca", port, kit.site_keys["h-1"][0], stranger.ca_cert, data["h-1"])
-        started += [rogue, wrong_ca]
+        t0 = time.monotonic()
+        refusing = {
+            "not registered": _client(tmp_path, "rogue", port, stranger.site_keys["rogue"][0], kit.ca_cert, data["h-1"]),
+            "not signed by the CA": _client(tmp_path, "h-1", port, kit.site_keys["h-1"][0], stranger.ca_cert, data["h-1"],
+                                            name="wrong-ca"),
+            "speaks TLS but --insecure": _client(tmp_path, "h-1", port, None, None, data["h-1"], name="insecure"),
+        }
+        started += list(refusing.values())
+        _wait(time.monotonic() + 120, lambda: "run submitted" in server_out.read_text())  # site keys registered
+        clients = {s: _client(tmp_path, s, port, kit.site_keys[s][0], kit.ca_cert, data[s]) for s in ("h-1", "h-2", "h-3")}
+        started += list(clients.values())
+        refusing["pass --auth-key"] = _client(tmp_path, "h-2", port, None, kit.ca_cert, data["h-2"], name="no-key")
+        started.append(refusing["pass --auth-key"])
+        for fragment, proc in refusing.items():
+            out, seconds = _refused(proc, t0)
+            lines = [ln for ln in out.splitlines() if "error:" in ln]
+            assert proc.returncode == 1 and len(lines) == 1 and fragment in lines[0], out
+            print(f"refused ({fragment}) {seconds:.0f} s after the server was launched")
+
         run, deadline = tmp_path / "run", time.monotonic() + 600
         _wait(deadline, lambda: len(_rounds(run)) >= 1)  # round 0 evaluated: round 1 training starts now
         killed_at = time.monotonic()
         _kill_tree(clients["h-3"])  # kill -9 the hospital's SuperNode (and any ClientApp) mid-round
-        # the strangers are judged after the kill: rounds now take seconds, the refusals' retries ~20 s
-        out_rogue, _ = rogue.communicate(timeout=300)
-        out_ca, _ = wrong_ca.communicate(timeout=300)
-        assert rogue.returncode == 1 and "not registered" in out_rogue, out_rogue
-        assert wrong_ca.returncode == 1 and "not signed by the CA" in out_ca, out_ca
+        # an impostor: h-4's registered key, but calling itself h-1; sampled for round 1's evaluation
+        impostor = _client(tmp_path, "h-1", port, kit.site_keys["h-4"][0], kit.ca_cert, data["h-4"], name="impostor")
+        started.append(impostor)
         _wait(deadline, lambda: len(_rounds(run)) >= 2)  # round 1 closes once Flower gives up on the dead node
         round_closed = time.monotonic() - killed_at
         assert json.loads((run / "checkpoint.json").read_text())["round"] == 1
+        out, _ = impostor.communicate(timeout=120)
+        assert impostor.returncode == 1 and "registered for site 'h-4' but it calls itself 'h-1'" in out, out
+        refused = _rounds(run)[1]["failed"]["h-4"]  # the server's round table names the key's site and the claim
+        assert "SiteRefused" in refused and "'h-4'" in refused and "'h-1'" in refused, refused
         _kill_tree(server)  # now the server and its SuperLink die after round 1
         server.wait(timeout=30)
         down = _run(BIN / "flower-server", "status", "--config", fed, cwd=tmp_path)  # issue 18: status, no server
@@ -138,6 +165,11 @@ def test_tls_federation_rejects_strangers_survives_a_killed_site_and_resumes(tmp
         assert sorted(lines[1]["train"]) == ["h-1", "h-2"] and sorted(lines[2]["sites"]) == ["h-1", "h-2"]
         assert lines[-1]["data-kind"] == "synthetic"  # the sites said so: their trees are generated fixtures
         assert json.loads((run / "checkpoint.json").read_text())["round"] == 2 and (run / "model.safetensors").is_file()
+        declared = json.loads((run / "partition.json").read_text())["sites"]
+        assert declared["h-1"]["train"] > 0 and declared["h-1"]["node"] is not None  # kept across the resume
+        assert (run / "report.html").is_file() and (run / "report" / "curves.png").is_file()
+        status = json.loads((run / "status.json").read_text())
+        assert "h-4" in status["sites-failed"] and "h-3" in lines[1].get("failed", {}), status  # listed, also after the resume
         assert [m.step for m in tracked()] == [0, 1, 2]  # one MLflow run, every round
         print(f"round 1 closed {round_closed:.0f} s after the kill (upper bound on detection)")
     finally:
@@ -204,7 +236,7 @@ def test_client_bad_input(tmp_path: Path) -> None:
     missing = _run(BIN / "flower-client", "start", "--site", "a", "--server", "127.0.0.1:9", "--root-cert", ca,
                    "--auth-key", key, "--dataset", "breakhis", "--data-root", tmp_path / "nope", cwd=tmp_path)
     assert missing.returncode == 1 and "data root not found" in missing.stderr
-    nowhere = _run(BIN / "flower-client", "start", "--site", "a", "--server", f"127.0.0.1:{_port()}",
+    nowhere = _run(BIN / "flower-client", "start", "--site", "synthetic-hospital-0", "--server", f"127.0.0.1:{_port()}",
                    "--root-cert", ca, "--auth-key", key, "--max-restarts", "1", "--connect-timeout", "3",
                    "--log-file", tmp_path / "a.log", cwd=tmp_path)
     assert nowhere.returncode == 1 and "not reachable" in nowhere.stdout, nowhere.stdout + nowhere.stderr

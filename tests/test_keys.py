@@ -34,3 +34,21 @@ def test_never_overwrites_and_rejects_bad_names(tmp_path) -> None:
         make_kit(tmp_path, hosts=["localhost"], sites=["a"])
     with pytest.raises(ValueError, match="invalid site name"):
         make_kit(tmp_path / "new", hosts=["localhost"], sites=["../x"])
+
+
+def test_the_ca_key_is_kept_apart_from_what_sites_receive(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(app, ["keys", "--out", str(tmp_path / "kit"), "--hosts", "localhost",
+                                      "--sites", "site-a,site-b"])
+    assert result.exit_code == 0, result.output
+    kit = tmp_path / "kit"
+    assert (kit / "ca" / "ca.key").is_file() and not (kit / "ca.key").exists()
+    for site in ("site-a", "site-b"):  # a site's folder holds its private key and the CA certificate, nothing else
+        assert sorted(p.name for p in (kit / "sites" / site).iterdir()) == ["ca.crt", site]
+    assert not list((kit / "sites").rglob("*.key")) and not list((kit / "sites").rglob("*.pub"))
+    assert "ca/ca.key" in result.output and "never hand it out" in result.output
+    again = CliRunner().invoke(app, ["keys", "--out", str(kit), "--hosts", "localhost", "--sites", "site-c"])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output

@@ -25,7 +25,9 @@ from common.privacy.accounting import plan_central
 from common.privacy.monitor import DECLINED, EPSILON, PrivacyBudgetStop, PrivacyMonitor
 from common.weights import load_weights
 from server.federation import without_declined
+from server.sites import SiteRegistry
 from server.strategy import build_strategy, wrap_central_dp
+from server.updates import PRIVACY_METRICS
 
 pytestmark = [pytest.mark.usefixtures("task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
@@ -50,7 +52,8 @@ def _strategy(cfg: RunConfig, initial: ArrayRecord, recorded: dict):
         recorded["sites"] = [r[P.SITE][P.SITE_NAME] for r in records]
         return MetricRecord({})
 
-    strategy = build_strategy(cfg.federation, train_metrics=train_metrics, evaluate_metrics=train_metrics)
+    strategy = build_strategy(cfg.federation, train_metrics=train_metrics, evaluate_metrics=train_metrics,
+                              sites=SiteRegistry.for_config(cfg))  # replies carry the privacy mode's fields
     strategy.set_reference(initial)
     return strategy
 
@@ -89,8 +92,9 @@ def test_dp_and_non_dp_runs_exchange_weights_by_key_without_mismatches(tiny_cfg,
 def _reply(node: int, arrays: ArrayRecord, n: int, declined: str = "", eps: float = 1.0) -> Message:
     instruction = Message(RecordDict({P.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
     site = {P.SITE_NAME: f"site-{node}", **({DECLINED: declined} if declined else {})}
+    dp = {**{k: 0.0 for k in PRIVACY_METRICS}, EPSILON: eps}  # the fields a DP-SGD site reports
     content = RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1,
-                                                   EPSILON: eps}), P.SITE: ConfigRecord(site)})
+                                                   P.SKIPPED: 0, **dp}), P.SITE: ConfigRecord(site)})
     if not declined:
         content[P.ARRAYS] = arrays
     return Message(content, reply_to=instruction)
@@ -204,7 +208,7 @@ def test_each_central_mode_selects_flowers_wrapper(tiny_cfg, mode, cls) -> None:
     cfg = tiny_cfg.override({"privacy.mode": mode})  # σ 'auto' for 5 rounds at ε = 8 with 2 hospitals
     plan = plan_central(cfg)
     wrapped = wrap_central_dp(build_strategy(cfg.federation, train_metrics=None, evaluate_metrics=None), plan, cfg.privacy)
-    assert type(wrapped) is cls and plan.num_sampled == 2 and plan.delta < 1 / 2
+    assert isinstance(wrapped, cls) and plan.num_sampled == 2 and plan.delta < 1 / 2  # Flower's, screening first
 
 
 def test_dp_benchmark_prints_its_figures_at_the_tiny_size(capsys) -> None:

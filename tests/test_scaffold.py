@@ -106,7 +106,7 @@ def _reply(node: int, w: list[float], dc: list[float], n: int) -> Message:
     content = RecordDict({
         P.ARRAYS: ArrayRecord({"w": Array(np.array(w, np.float32)), "n": Array(np.array(node, np.int64))}),
         P.SCAFFOLD_DELTA: ArrayRecord({"w": Array(np.array(dc, np.float32))}),
-        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1}),
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1, P.SKIPPED: 0}),
         P.SITE: ConfigRecord({P.SITE_NAME: f"site-{node}"}),
     })
     return Message(content, reply_to=instruction)

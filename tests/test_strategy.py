@@ -30,7 +30,7 @@ def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Message:
     instruction = Message(RecordDict({P.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
     content = RecordDict({
         P.ARRAYS: _arrays(state),
-        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1}),
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1, P.SKIPPED: 0}),
         P.SITE: ConfigRecord({P.SITE_NAME: f"site-{node}"}),
     })
     return Message(content, reply_to=instruction)

@@ -76,7 +76,7 @@ def test_float16_replies_are_averaged_in_float32() -> None:
         content = RecordDict({
             P.ARRAYS: ArrayRecord({"w": Array(np.full(4, value, dtype=np.float16)),
                                    "bn.num_batches_tracked": Array(np.array(10 * node, dtype=np.int64))}),
-            P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 0.1, P.SKIPPED: 0}),
             P.SITE: ConfigRecord({P.SITE_NAME: f"site-{node}"}),
         })
         return Message(content, reply_to=instruction)

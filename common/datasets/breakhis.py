@@ -151,9 +151,12 @@ def _breast_dir(root: Path) -> Path:
     )
 
 
+STAMP_DEPTH = 5  # class / procedure / subtype / patient / magnification: a file added in any of them changes its mtime
+
+
 def _stamp_dirs(breast: Path) -> tuple[Path, ...]:
-    """breast/ and its class, procedure and subtype folders (their mtimes change when patients come or go)."""
-    below = (p for pattern in ("*", "*/*", "*/*/*") for p in breast.glob(pattern) if p.is_dir())
+    """breast/ and every folder down to the magnification folders (the images' own folders), for the index cache key."""
+    below = (p for depth in range(1, STAMP_DEPTH + 1) for p in breast.glob("/".join("*" * depth)) if p.is_dir())
     return (breast, *sorted(below))
 
 
