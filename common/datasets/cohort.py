@@ -94,8 +94,8 @@ def hospital(site: int, num_sites: int, seed: int, *, outlier: bool = False) -> 
                           gains=np.array([1.0, 0.96, 0.88]), gamma=0.85)
     else:
         h, e = lab_vectors(rng, float(rng.uniform(0.35, 0.9)), 0.03)
-        stain = Stain(h, e, float(rng.uniform(0.8, 1.25)), float(rng.uniform(0.8, 1.25)),
-                      rng.uniform(0.0, 0.04, 3))
+        glass = float(rng.uniform(0.01, 0.04)) + rng.normal(0.0, 0.006, 3)  # near-neutral, slightly tinted
+        stain = Stain(h, e, float(rng.uniform(0.8, 1.25)), float(rng.uniform(0.8, 1.25)), np.clip(glass, 0.0, None))
         scanner = Scanner(
             blur_um=float(rng.uniform(0.4, 1.1)), sharpen=float(rng.choice([0.0, rng.uniform(0.2, 0.6)])),
             jpeg=int(rng.choice([0, int(rng.integers(75, 96))])), illumination=float(rng.uniform(0.0, 0.1)),
