@@ -114,7 +114,9 @@ def paint(cv: Canvas, table: dict[str, np.ndarray], crisp: float) -> Nuclei:
     membrane[:, :-1] |= owner[:, :-1] != owner[:, 1:]
     membrane[:-1, :] |= owner[:-1, :] != owner[1:, :]
 
-    get = {k: v[owner] for k, v in table.items()}
+    names = list(table)
+    stacked = np.stack([table[k] for k in names])[:, owner]  # one gather for every attribute
+    get = dict(zip(names, stacked))
     dy, dx = cv.yy - get["y"], cv.xx - get["x"]
     ca, sa = np.cos(get["angle"]), np.sin(get["angle"])
     a_px, b_px = get["a"] / cv.px_um, get["b"] / cv.px_um

@@ -99,7 +99,7 @@ def to_rgb(h: np.ndarray, e: np.ndarray, stain: Stain, scanner: Scanner, *, fact
            rng: np.random.Generator) -> np.ndarray:
     """Concentrations (hi-res) → uint8 RGB at hi-res / factor (um_per_px of the output), through stain and scanner."""
     od = (h * stain.h_scale)[..., None] * stain.h_vector + (e * stain.e_scale)[..., None] * stain.e_vector
-    light = np.power(10.0, -(od + stain.glass)).astype(np.float32)
+    light = np.exp(-np.log(10.0) * (od + stain.glass).astype(np.float32))
     if factor > 1:  # anti-aliasing: each sensor pixel integrates factor x factor canvas pixels
         n = light.shape[0] // factor
         light = light.reshape(n, factor, n, factor, 3).mean(axis=(1, 3))

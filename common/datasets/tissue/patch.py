@@ -33,17 +33,17 @@ def sample_biology(rng: np.random.Generator, malignant: bool) -> Biology:
         stroma=float(rng.beta(2.0, 2.5)),
         white=float(rng.uniform(0.03, 0.35)),
         pale=float(rng.choice([rng.uniform(0.0, 0.08), rng.uniform(0.15, 0.6)])),
-        nuclear=float(rng.uniform(0.07, 0.22)),
     )
 
 
 def sample_knobs(rng: np.random.Generator, bio: Biology) -> Knobs:
     """One patch's composition around its patient's."""
+    cellularity = float(np.clip(bio.cellularity + rng.normal(0, 0.15), 0.0, 1.0))
     return Knobs(
-        cellularity=float(np.clip(bio.cellularity + rng.normal(0, 0.15), 0.0, 1.0)),
+        cellularity=cellularity,
         white=float(np.clip(bio.white + rng.normal(0, 0.06), 0.0, 0.6)),
         pale=float(np.clip(bio.pale + rng.normal(0, 0.08), 0.0, 0.8)),
-        nuclear=float(np.clip(bio.nuclear + rng.normal(0, 0.03), 0.03, 0.35)),
+        nuclear=float(np.clip(0.07 + 0.15 * cellularity + rng.normal(0, 0.02), 0.04, 0.3)),
         angle=float(rng.uniform(0, np.pi)),
     )
 
@@ -55,7 +55,7 @@ def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology
     cv = Canvas(n, FIELD_UM / n, rng)
     knobs = sample_knobs(rng, bio)
     SUBTYPES[subtype].layout(cv, rng, bio, knobs)
-    finish(cv, rng, bio, knobs)
+    finish(cv, rng, bio, knobs, SUBTYPES[subtype].stroma)
     crisp, darkness = 0.35 + 0.65 * bio.fixation, 0.8 * bio.nuclear_dark
     nuc = nuclei.level(nuclei.paint(cv, cv.seed_table(), crisp), darkness)
     short = knobs.nuclear - nuclei.dark_share(nuc, factor)

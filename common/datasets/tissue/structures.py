@@ -84,34 +84,51 @@ def glands(cv: Canvas, rng: np.random.Generator, items: list[Gland], *, basement
     cv.comp[layer] = EPI
     cv.comp[lumen] = WHITE
     wisps = cv.textures.crop(cv.textures.medium, rng)
+    luminal, myo = [], []
     for k, (g, curve) in enumerate(zip(items, curves)):
         if g.secretion:
             cv.comp[(gid == k) & lumen & (wisps > 0.2)] = SECRETION
-        _layer_seeds(cv, rng, curve, g)
+        lum, mye = _layer_seeds(cv, rng, curve, g)
+        luminal.append(lum)
+        myo.extend([mye] if mye is not None else [])
+    for parts, styles in ((luminal, [g.style for g in items]), (myo, None)):
+        if parts:
+            _add_layer(cv, rng, parts, styles)
     return lumen | layer
 
 
-def _layer_seeds(cv: Canvas, rng: np.random.Generator, curve: np.ndarray, g: Gland) -> None:
-    """Luminal nuclei on a ring just outside the lumen, myoepithelial ones flat along the basement membrane."""
+def _add_layer(cv: Canvas, rng: np.random.Generator, parts: list[tuple[np.ndarray, np.ndarray]],
+               styles: list[nu.Style] | None) -> None:
+    """One nuclear draw per style for the seeds of many glands (styles None: myoepithelium)."""
+    by_style: dict[nu.Style, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for k, part in enumerate(parts):
+        by_style.setdefault(nu.MYOEPI if styles is None else styles[k], []).append(part)
+    for style, group in by_style.items():
+        pts = np.concatenate([p for p, _ in group])
+        angle = np.concatenate([a for _, a in group])
+        cv.add_seeds(pts[:, 0], pts[:, 1], nu.sample(style, rng, len(pts), angle))
+
+
+def _layer_seeds(cv: Canvas, rng: np.random.Generator, curve: np.ndarray, g: Gland
+                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """Luminal nuclei on a ring just outside the lumen (long axis radial), myoepithelial ones flat along its rim."""
     out = _outward_sign(curve)
     dense, tangent = resample(curve, 0.7, rng, closed=True, jitter=0.0)
     ring = offset(dense, tangent, out * cv.px(g.luminal * 0.5))
     pts, t = resample(ring, cv.px(g.cell), rng, closed=True)
     pts = offset(pts, t, out * cv.px(g.luminal * rng.uniform(-0.1, 0.1, len(pts))))
-    cv.add_seeds(pts[:, 0], pts[:, 1], nu.sample(g.style, rng, len(pts), t + np.pi / 2))
-    if g.myo > 0:
-        outer = offset(dense, tangent, out * cv.px(g.luminal + g.myo * 0.5))
-        mp, mt = resample(outer, cv.px(g.cell * 1.8), rng, closed=True, jitter=0.4)
-        cv.add_seeds(mp[:, 0], mp[:, 1], nu.sample(nu.MYOEPI, rng, len(mp), mt))
+    luminal = (pts, t + np.pi / 2)
+    if g.myo <= 0:
+        return luminal, None
+    outer = offset(dense, tangent, out * cv.px(g.luminal + g.myo * 0.5))
+    return luminal, resample(outer, cv.px(g.cell * 1.8), rng, closed=True, jitter=0.4)
 
 
 def _outward_sign(curve: np.ndarray) -> float:
-    """+1 when the left normal of the curve's direction points away from its centroid."""
-    centre = curve.mean(axis=0)
-    d = np.gradient(curve, axis=0)
-    tangent = np.arctan2(d[:, 0], d[:, 1])
-    normal = np.stack([np.cos(tangent), -np.sin(tangent)], 1)
-    return float(np.sign(((curve - centre) * normal).sum()) or 1.0)
+    """+1 when the left normal of the closed curve points outwards (from the sign of its area, shoelace)."""
+    y, x = curve[:, 0], curve[:, 1]
+    area = float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    return 1.0 if area < 0 else -1.0
 
 
 def pack(cv: Canvas, rng: np.random.Generator, radii_um: np.ndarray, gap_um: float, tries: int = 30) -> list[tuple[float, float, float]]:

@@ -33,7 +33,6 @@ class Biology:
     stroma: float  # 0..1: stromal cellularity
     white: float  # typical share of white (lumens, fat, edges)
     pale: float  # typical share of pale bluish material (myxoid stroma or mucin)
-    nuclear: float  # typical share of the patch covered by nuclei
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Knobs:
     cellularity: float
     white: float
     pale: float
-    nuclear: float
+    nuclear: float  # share of the patch that is dark chromatin (follows cellularity)
     angle: float  # dominant orientation (fibres, cords, ducts)
 
 
@@ -78,7 +77,7 @@ def _glandular(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs, *, 
 def adenosis(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None:
     """Many small two-layer acini per lobule; sclerosing adenosis squeezes them."""
     sclerosing = rng.random() < 0.35
-    _glandular(cv, rng, bio, k, count=5 + 12 * k.cellularity, lumen=(1.0, 3.0) if sclerosing else (2.0, 7.0),
+    _glandular(cv, rng, bio, k, count=8 + 14 * k.cellularity, lumen=(1.0, 3.0) if sclerosing else (2.0, 7.0),
                gap=rng.uniform(2.0, 9.0), squash=0.35 if sclerosing else 0.7)
 
 
@@ -142,7 +141,7 @@ def ductal_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knob
     """Invasive ductal (NST): irregular nests and sheets, cribriform spaces, abortive tubules, no myoepithelium."""
     style = _style(nu.carcinoma(bio.grade), bio)
     field = cv.textures.crop(cv.textures.smooth, rng) + 0.2 * cv.textures.crop(cv.textures.medium, rng)
-    nests = cv.threshold(field, 0.1 + 0.35 * k.cellularity)
+    nests = cv.threshold(field, 0.14 + 0.42 * k.cellularity)
     tubules = []
     if rng.random() < (3.2 - bio.grade) / 2.2:  # tubule formation: Nottingham criterion 1
         lumen_r = rng.uniform(2.0, 4.0 + 6 * k.white, int(2 + 5 * rng.random()))
@@ -160,14 +159,14 @@ def ductal_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knob
     if rng.random() < 0.6:  # retraction artefact around the nests
         halo = cv.threshold(field, min(0.95, nests.mean() + rng.uniform(0.02, 0.07)))
         cv.comp[halo & ~nests & ~footprint] = WHITE
-    st.fill_cells(cv, rng, nests & ~footprint, style, style.diameter * rng.uniform(1.12, 1.35))
+    st.fill_cells(cv, rng, nests & ~footprint, style, style.diameter * rng.uniform(1.0, 1.2))
 
 
 def lobular_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None:
     """Invasive lobular: discohesive small bland cells in single file and targetoid rings; no glands."""
     style = _style(nu.LOBULAR, bio)
     curves = []
-    for _ in range(int(2 + 6 * k.cellularity)):
+    for _ in range(int(3 + 8 * k.cellularity)):
         curves.append(st.wavy_line(cv, rng, k.angle + rng.normal(0, 0.25), amplitude_um=rng.uniform(2, 9),
                                    wavelength_um=rng.uniform(40, 120)))
     if rng.random() < 0.35:  # targetoid: rings around a residual benign duct
@@ -180,7 +179,7 @@ def lobular_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Kno
             t = np.linspace(0, 2 * np.pi, 200)
             curves.append(np.stack([cy + rr * np.sin(t), cx + rr * np.cos(t)], 1))
     st.cords(cv, rng, curves, style, spacing_um=rng.uniform(9.0, 11.5), cell_um=rng.uniform(8.0, 10.0))
-    singles = rng.uniform(0, cv.n, (int(12 * k.cellularity * rng.random()), 2))
+    singles = rng.uniform(0, cv.n, (int(20 * k.cellularity * rng.random()), 2))
     st.discs(cv, singles, 4.5, EPI)
     cv.add_seeds(singles[:, 0], singles[:, 1], nu.sample(style, rng, len(singles)))
 
@@ -194,7 +193,7 @@ def mucinous_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Kn
         line = st.wavy_line(cv, rng, rng.uniform(0, np.pi), amplitude_um=5, wavelength_um=90)
         dist, _ = cv.distance_to(cv.raster_curve(line))
         cv.comp[(dist < rng.uniform(1.5, 3.5)) & lake] = STROMA
-    radii = rng.uniform(10.0, 18.0 + 14 * k.cellularity, int(9 + 12 * k.cellularity))
+    radii = rng.uniform(10.0, 18.0 + 14 * k.cellularity, int(11 + 14 * k.cellularity))
     medium = cv.textures.crop(cv.textures.medium, rng)
     tubules = []
     for cy, cx, r in st.pack(cv, rng, radii, 4.0, tries=60):
@@ -202,7 +201,7 @@ def mucinous_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Kn
         if not lake[iy, ix] and rng.random() < 0.6:  # the clusters float in the mucin
             continue
         blob = (np.hypot(cv.yy - cy, cv.xx - cx) * cv.px_um) < r * (1 + 0.25 * medium)
-        st.fill_cells(cv, rng, blob, style, style.diameter * rng.uniform(1.2, 1.4))
+        st.fill_cells(cv, rng, blob, style, style.diameter * rng.uniform(1.0, 1.15))
         if r > 11 and rng.random() < 0.35:
             tubules.append(st.Gland(cy, cx, rng.uniform(1.5, 3.5), 2.5, 0.0, 7.0, 0.0, style, cell=8.5))
     st.glands(cv, rng, tubules, basement=False)
@@ -233,21 +232,22 @@ class Subtype:
     name: str
     malignant: bool
     layout: Layout
+    stroma: float = 1.0  # stromal cellularity relative to ordinary stroma
 
 
 SUBTYPES: tuple[Subtype, ...] = (
     Subtype("adenosis", False, adenosis),
-    Subtype("fibroadenoma", False, fibroadenoma),
-    Subtype("phyllodes_tumor", False, phyllodes_tumor),
+    Subtype("fibroadenoma", False, fibroadenoma, stroma=2.0),
+    Subtype("phyllodes_tumor", False, phyllodes_tumor, stroma=2.8),
     Subtype("tubular_adenoma", False, tubular_adenoma),
-    Subtype("ductal_carcinoma", True, ductal_carcinoma),
+    Subtype("ductal_carcinoma", True, ductal_carcinoma, stroma=1.4),  # desmoplastic stroma
     Subtype("lobular_carcinoma", True, lobular_carcinoma),
     Subtype("mucinous_carcinoma", True, mucinous_carcinoma),
     Subtype("papillary_carcinoma", True, papillary_carcinoma),
 )
 
 
-def finish(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None:
+def finish(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs, stromal: float = 1.0) -> None:
     """Shared by every subtype: the patch's white, pale and nuclear shares brought to its (class-independent) targets.
 
     White space is topped up with fat or a tissue edge; pale material with myxoid stroma; nuclei are
@@ -271,10 +271,13 @@ def finish(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None
         st.myxoid(cv, cv.threshold(cv.textures.crop(cv.textures.smooth, rng), min(1.0, pale / stroma.mean()), where=stroma))
     if rng.random() < 0.35:  # a capillary with red cells, in any stroma
         st.capillary(cv, rng)
-    st.stroma_cells(cv, rng, density=0.04 + 0.3 * bio.stroma, angle=k.angle, lymphocytes=0.02,
+    st.stroma_cells(cv, rng, density=min(0.9, stromal * (0.05 + 0.3 * bio.stroma)), angle=k.angle, lymphocytes=0.02,
                     spacing_um=rng.uniform(10.0, 13.0))
     if rng.random() < 0.4:  # chronic inflammation, in benign and malignant lesions alike
         st.inflammation(cv, rng, float(rng.uniform(0.005, 0.03)))
-    have = cv.nuclear_share()
-    if have < 1.3 * k.nuclear:  # too few nuclei for the target: inflammatory cells join (render_patch thins the rest)
-        st.inflammation(cv, rng, 1.3 * k.nuclear - have)
+    have = DARK_PER_AREA * cv.nuclear_share()
+    if have < 1.05 * k.nuclear:  # too few nuclei for the target: inflammatory cells join (render_patch thins the rest)
+        st.inflammation(cv, rng, (1.05 * k.nuclear - have) / DARK_PER_AREA)
+
+
+DARK_PER_AREA = 0.7  # dark-chromatin pixels per unit of estimated nuclear area (measured over the subtypes: 0.64-0.80)
