@@ -101,7 +101,7 @@ class DataConfig(_Section):
     stain_augment: float = Field(0.0, ge=0.0, le=1.0, description="H&E (HED) jitter strength in training (0 = off)")
     cache_dir: str = Field("", description="where dataset indexes and rendered synthetic sites are cached ('' = ~/.cache/histofed)")
     # ---- the synthetic generator (common/datasets/synthetic.py) ----
-    patients_per_site: int = Field(40, gt=0, description="synthetic: patients per hospital (splits are by patient)")
+    patients_per_site: int = Field(60, gt=0, description="synthetic: patients per hospital (splits are by patient)")
     label_noise: float = Field(0.0, ge=0.0, lt=0.5, description="synthetic: share of train/val labels replaced by another class (test labels stay true)")
     subtype_mix: str = Field("uniform", description="synthetic: subtype weights: uniform, breakhis, or name=weight,... pairs")
     outlier_site: int = Field(-1, ge=-1, description="synthetic: hospital index made an outlier lab, Camelyon17-style (-1 = none)")

@@ -71,8 +71,9 @@ def test_hospitals_differ_in_stain_and_class_balance(tmp_path) -> None:
     assert not np.allclose(labs[0].h_vector, labs[1].h_vector)
     means = [_split(s, n=24).images.reshape(-1, 3).mean(axis=0) for s in range(3)]
     assert min(np.abs(means[a] - means[b]).max() for a in range(3) for b in range(a + 1, 3)) > 2.0
-    outlier = hospital(1, 3, 0, outlier=True)
-    assert outlier.outlier and outlier.scanner.blur_um > max(lab.scanner.blur_um for lab in labs)
+    outlier = hospital(1, 3, 0, outlier=True)  # outside every regular lab's range: lighter eosin, heavier JPEG
+    assert outlier.outlier and outlier.stain.e_scale < 0.8 <= min(lab.stain.e_scale for lab in labs)
+    assert 0 < outlier.scanner.jpeg < 75 and all(lab.scanner.jpeg == 0 or lab.scanner.jpeg >= 75 for lab in labs)
 
 
 def test_darkness_and_nuclear_area_overlap_between_classes() -> None:

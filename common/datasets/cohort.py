@@ -83,15 +83,15 @@ def parse_mix(value: str) -> tuple[float, ...]:
 def hospital(site: int, num_sites: int, seed: int, *, outlier: bool = False) -> Hospital:
     """Deterministic lab profile of one site; an outlier lab stains and scans far outside the others' range."""
     rng = np.random.default_rng([seed, 7919, site])
-    spread = site / max(num_sites - 1, 1)  # malignant share 0.4 .. 0.6 across sites
+    spread = site / max(num_sites - 1, 1)  # malignant share 0.45 .. 0.55 across sites
     if outlier:
-        h, e = lab_vectors(rng, float(rng.uniform(0.0, 0.15)), 0.05)
-        h = unit(h + np.array([0.0, 0.12, 0.2]))  # a bluer haematoxylin batch
-        stain = Stain(h, unit(e + np.array([0.25, 0.0, 0.15])), float(rng.uniform(1.35, 1.55)),
-                      float(rng.uniform(0.5, 0.6)), np.array([0.06, 0.05, 0.02]))
-        scanner = Scanner(blur_um=float(rng.uniform(1.3, 1.6)), sharpen=0.0, jpeg=int(rng.integers(45, 60)),
-                          illumination=float(rng.uniform(0.15, 0.25)), noise=0.025,
-                          gains=np.array([1.0, 0.96, 0.88]), gamma=0.85)
+        h, e = lab_vectors(rng, float(rng.uniform(0.1, 0.2)), 0.03)
+        h = unit(h + np.array([0.0, 0.05, 0.09]))  # a bluer haematoxylin batch
+        stain = Stain(h, unit(e + np.array([0.06, 0.0, 0.04])), float(rng.uniform(1.2, 1.25)),
+                      float(rng.uniform(0.74, 0.78)), np.array([0.04, 0.035, 0.025]))
+        scanner = Scanner(blur_um=float(rng.uniform(0.8, 0.9)), sharpen=0.0, jpeg=int(rng.integers(65, 72)),
+                          illumination=float(rng.uniform(0.08, 0.12)), noise=0.02,
+                          gains=np.array([1.0, 0.98, 0.94]), gamma=0.95)
     else:
         h, e = lab_vectors(rng, float(rng.uniform(0.35, 0.9)), 0.03)
         glass = float(rng.uniform(0.01, 0.04)) + rng.normal(0.0, 0.006, 3)  # near-neutral, slightly tinted
@@ -103,15 +103,15 @@ def hospital(site: int, num_sites: int, seed: int, *, outlier: bool = False) -> 
             gamma=float(rng.uniform(0.92, 1.08)),
         )
     size = float(rng.uniform(0.7, 1.3)) if num_sites > 1 else 1.0
-    return Hospital(stain, scanner, 0.4 + 0.2 * spread if num_sites > 1 else 0.5, size, outlier)
+    return Hospital(stain, scanner, 0.45 + 0.1 * spread if num_sites > 1 else 0.5, size, outlier)
 
 
 def slide_stain(rng: np.random.Generator, lab: Stain) -> Stain:
     """A patient's slide: the lab's protocol with this slide's own batch, thickness and timing offsets."""
     return Stain(
-        h_vector=unit(lab.h_vector + rng.normal(0.0, 0.02, 3)), e_vector=unit(lab.e_vector + rng.normal(0.0, 0.02, 3)),
-        h_scale=lab.h_scale * float(np.exp(rng.normal(0.0, 0.09))),
-        e_scale=lab.e_scale * float(np.exp(rng.normal(0.0, 0.09))), glass=lab.glass,
+        h_vector=unit(lab.h_vector + rng.normal(0.0, 0.025, 3)), e_vector=unit(lab.e_vector + rng.normal(0.0, 0.025, 3)),
+        h_scale=lab.h_scale * float(np.exp(rng.normal(0.0, 0.11))),
+        e_scale=lab.e_scale * float(np.exp(rng.normal(0.0, 0.11))), glass=lab.glass,
     )
 
 

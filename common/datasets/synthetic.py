@@ -27,6 +27,8 @@ from common.datasets.tissue import FIELD_UM, SUBTYPES, UM_PER_PX, render_patch
 if TYPE_CHECKING:
     from common.config import RunConfig
 
+FIELDS_PER_PATIENT = 4  # regions of a patient's slide its patches come from (neighbouring fields look alike)
+
 __all__ = [
     "FIELD_UM", "SPLITS", "SUBTYPES", "UM_PER_PX", "Hospital", "Patient", "SyntheticSplit", "check", "cohort_of",
     "generate", "hospital", "load_split", "partition", "render", "site_names", "source_files",
@@ -134,7 +136,7 @@ def load_split(cfg: RunConfig, site: int, split: str) -> SyntheticSplit:
 @functools.lru_cache(maxsize=16)
 def generate(
     *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int,
-    cache_dir: str = "", patients: int = 40, mix: str = "uniform", outlier_site: int = -1, label_noise: float = 0.0,
+    cache_dir: str = "", patients: int = 60, mix: str = "uniform", outlier_site: int = -1, label_noise: float = 0.0,
     val_fraction: float = 0.15, test_fraction: float = 0.2,
 ) -> SyntheticSplit:
     """Render n patches of a site's split; cached per process, and on disk under cache_dir when given."""
@@ -171,10 +173,11 @@ def _render_split(
     counts = allocate(ids, n, np.random.default_rng([seed, site, 31, SPLITS.index(split)]))
     images, owners, subtypes = [], [], []
     for pid, count in zip(ids, counts):
-        p = by_id[pid]
+        p, k = by_id[pid], int(pid.rsplit("p", 1)[1])
         for j in range(count):
-            rng = np.random.default_rng([seed, site, int(pid.rsplit("p", 1)[1]), j, image_size])
-            images.append(render_patch(rng, image_size, p.subtype, p.biology, p.stain, c.hospital.scanner))
+            rng = np.random.default_rng([seed, site, k, j, image_size])
+            field = np.random.default_rng([seed, site, k, 7331, j % FIELDS_PER_PATIENT, image_size])
+            images.append(render_patch(rng, image_size, p.subtype, p.biology, p.stain, c.hospital.scanner, field))
             owners.append(pid)
             subtypes.append(p.subtype)
     sub = np.asarray(subtypes, np.int64)

@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 
-from common.datasets.tissue import nuclei, optics, structures
+import common.datasets.tissue.nuclei as nuclei
+import common.datasets.tissue.optics as optics
+import common.datasets.tissue.structures as structures
 from common.datasets.tissue.canvas import Canvas
 from common.datasets.tissue.subtypes import SUBTYPES, Biology, Knobs, finish
 
@@ -26,19 +28,20 @@ def sample_biology(rng: np.random.Generator, malignant: bool) -> Biology:
     """A patient's random effects (grade only matters for carcinomas)."""
     return Biology(
         grade=float(rng.triangular(1.0, 2.0, 3.0)) if malignant else 1.0,
-        cellularity=float(rng.beta(2.0, 2.0)),
+        cellularity=float(rng.beta(3.0, 3.0)),
         nuclear_size=float(np.exp(rng.normal(0.0, 0.08))),
         nuclear_dark=float(np.exp(rng.normal(0.0, 0.10))),
         fixation=float(rng.uniform(0.35, 1.0)),
         stroma=float(rng.beta(2.0, 2.5)),
-        white=float(rng.uniform(0.03, 0.35)),
+        white=float(rng.uniform(0.05, 0.3)),
         pale=float(rng.choice([rng.uniform(0.0, 0.08), rng.uniform(0.15, 0.6)])),
+        traits=tuple(float(t) for t in rng.random(4)),
     )
 
 
 def sample_knobs(rng: np.random.Generator, bio: Biology) -> Knobs:
     """One patch's composition around its patient's."""
-    cellularity = float(np.clip(bio.cellularity + rng.normal(0, 0.15), 0.0, 1.0))
+    cellularity = float(np.clip(bio.cellularity + rng.normal(0, 0.12), 0.0, 1.0))
     return Knobs(
         cellularity=cellularity,
         white=float(np.clip(bio.white + rng.normal(0, 0.06), 0.0, 0.6)),
@@ -49,12 +52,19 @@ def sample_knobs(rng: np.random.Generator, bio: Biology) -> Knobs:
 
 
 def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, stain: optics.Stain,
-                 scanner: optics.Scanner) -> np.ndarray:
-    """Render one size x size x 3 uint8 patch of SUBTYPES[subtype] (FIELD_UM across, whatever the size)."""
+                 scanner: optics.Scanner, field: np.random.Generator | None = None) -> np.ndarray:
+    """Render one size x size x 3 uint8 patch of SUBTYPES[subtype] (FIELD_UM across, whatever the size).
+
+    `field` draws the architecture (patches sharing a field generator's seed show the same region of
+    the slide, as neighbouring images of one patient do); `rng` draws everything else (cells added,
+    nuclei in the section plane, stain and scanner noise). Without `field`, rng draws both.
+    """
     n, factor = canvas_size(size)
-    cv = Canvas(n, FIELD_UM / n, rng)
-    knobs = sample_knobs(rng, bio)
-    SUBTYPES[subtype].layout(cv, rng, bio, knobs)
+    field = rng if field is None else field
+    cv = Canvas(n, FIELD_UM / n, field)
+    knobs = sample_knobs(field, bio)
+    SUBTYPES[subtype].layout(cv, field, bio, knobs)
+    cv.rng = rng
     finish(cv, rng, bio, knobs, SUBTYPES[subtype].stroma)
     crisp, darkness = 0.35 + 0.65 * bio.fixation, 0.8 * bio.nuclear_dark
     nuc = nuclei.level(nuclei.paint(cv, cv.seed_table(), crisp), darkness)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.datasets.tissue import nuclei as nu
+import common.datasets.tissue.nuclei as nu
 from common.datasets.tissue.canvas import (
     DENSE, EPI, FAT_WALL, MUCIN, MYXOID, RBC, SECRETION, STROMA, WHITE, Canvas, offset, resample,
 )

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.datasets.tissue import nuclei as nu
-from common.datasets.tissue import structures as st
+import common.datasets.tissue.nuclei as nu
+import common.datasets.tissue.structures as st
 from common.datasets.tissue.canvas import EPI, MUCIN, MYXOID, SECRETION, STROMA, WHITE, Canvas
 
 
@@ -33,6 +33,7 @@ class Biology:
     stroma: float  # 0..1: stromal cellularity
     white: float  # typical share of white (lumens, fat, edges)
     pale: float  # typical share of pale bluish material (myxoid stroma or mucin)
+    traits: tuple[float, ...] = (0.5, 0.5, 0.5, 0.5)  # per-patient architectural variants (see _trait)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class Knobs:
 
 
 Layout = Callable[[Canvas, np.random.Generator, Biology, Knobs], None]
+
+
+def _trait(rng: np.random.Generator, bio: Biology, index: int, share: float) -> bool:
+    """A variant the patient's lesion tends to show: in 85 % of the patches of the `share` of patients that have it, 10 % of the rest."""
+    return bool(rng.random() < (0.85 if bio.traits[index] < share else 0.1))
 
 
 def _style(base: nu.Style, bio: Biology) -> nu.Style:
@@ -76,7 +82,7 @@ def _glandular(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs, *, 
 
 def adenosis(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None:
     """Many small two-layer acini per lobule; sclerosing adenosis squeezes them."""
-    sclerosing = rng.random() < 0.35
+    sclerosing = _trait(rng, bio, 0, 0.35)
     _glandular(cv, rng, bio, k, count=8 + 14 * k.cellularity, lumen=(1.0, 3.0) if sclerosing else (2.0, 7.0),
                gap=rng.uniform(2.0, 9.0), squash=0.35 if sclerosing else 0.7)
 
@@ -85,7 +91,7 @@ def fibroadenoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -
     """Proliferating stroma (cellular or myxoid) compressing ducts into slit-like or round channels."""
     luminal, myo_t = _layers(rng)
     items = []
-    intracanalicular = rng.random() < 0.6
+    intracanalicular = _trait(rng, bio, 0, 0.6)
     for _ in range(1 + int(rng.random() < k.cellularity) + int(rng.random() < k.cellularity * 0.7)):
         cy, cx = rng.uniform(0.1 * cv.n, 0.9 * cv.n, 2)
         if intracanalicular:
@@ -95,7 +101,7 @@ def fibroadenoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -
             rv, bend = ru * rng.uniform(0.6, 1.0), 0.0
         items.append(st.Gland(cy, cx, ru, rv, k.angle + rng.normal(0, 0.4), luminal, myo_t, _style(nu.LUMINAL, bio),
                               bend=bend, wobble=0.05, cell=rng.uniform(7.0, 9.0)))
-    if rng.random() < 0.25 * (0.5 + k.cellularity):  # crowded benign epithelium filling a duct
+    if _trait(rng, bio, 1, 0.3):  # crowded benign epithelium (usual ductal hyperplasia) filling a duct
         items.append(_crowded_duct(cv, rng, bio, luminal, myo_t))
     st.glands(cv, rng, items)
     _fill_crowded(cv, rng, bio, items)
@@ -148,7 +154,7 @@ def ductal_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knob
         for cy, cx, r in st.pack(cv, rng, lumen_r + 8.0, 4.0):
             tubules.append(st.Gland(cy, cx, r - 8, (r - 8) * rng.uniform(0.5, 1.0), rng.uniform(0, np.pi),
                                     rng.uniform(6.5, 9.0), 0.0, style, wobble=0.18, cell=9.0))
-    if nests.mean() > 0.3 and rng.random() < 0.45:  # cribriform: punched-out spaces inside a nest
+    if nests.mean() > 0.25 and _trait(rng, bio, 1, 0.45):  # cribriform: punched-out spaces inside a nest
         holes = rng.uniform(2.5, 4.0 + 7 * k.white, int(3 + 6 * rng.random()))
         for cy, cx, r in st.pack(cv, rng, holes + 7.0, 3.0):
             iy, ix = int(np.clip(cy, 0, cv.n - 1)), int(np.clip(cx, 0, cv.n - 1))
@@ -156,7 +162,7 @@ def ductal_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knob
                 tubules.append(st.Gland(cy, cx, r - 7, (r - 7) * rng.uniform(0.8, 1.0), 0.0, 7.0, 0.0, style,
                                         wobble=0.05, cell=8.5))
     footprint = st.glands(cv, rng, tubules, basement=False)
-    if rng.random() < 0.6:  # retraction artefact around the nests
+    if _trait(rng, bio, 2, 0.6):  # retraction artefact around the nests
         halo = cv.threshold(field, min(0.95, nests.mean() + rng.uniform(0.02, 0.07)))
         cv.comp[halo & ~nests & ~footprint] = WHITE
     st.fill_cells(cv, rng, nests & ~footprint, style, style.diameter * rng.uniform(1.0, 1.2))
@@ -169,7 +175,7 @@ def lobular_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Kno
     for _ in range(int(3 + 8 * k.cellularity)):
         curves.append(st.wavy_line(cv, rng, k.angle + rng.normal(0, 0.25), amplitude_um=rng.uniform(2, 9),
                                    wavelength_um=rng.uniform(40, 120)))
-    if rng.random() < 0.35:  # targetoid: rings around a residual benign duct
+    if _trait(rng, bio, 0, 0.35):  # targetoid: rings around a residual benign duct
         cy, cx = rng.uniform(0.25 * cv.n, 0.75 * cv.n, 2)
         r = rng.uniform(6, 12)
         luminal, myo_t = _layers(rng)
@@ -210,7 +216,7 @@ def mucinous_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Kn
 def papillary_carcinoma(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs) -> None:
     """Fronds with thin fibrovascular cores lined by stratified columnar epithelium, no myoepithelium."""
     cv.comp[:] = WHITE
-    if rng.random() < 0.5:  # cyst wall
+    if _trait(rng, bio, 0, 0.5):  # cyst wall
         wall = cv.threshold((cv.xx * np.cos(k.angle) + cv.yy * np.sin(k.angle)) / cv.n
                             + 0.1 * cv.textures.crop(cv.textures.coarse, rng), rng.uniform(0.08, 0.3))
         cv.comp[wall] = STROMA
@@ -256,7 +262,7 @@ def finish(cv: Canvas, rng: np.random.Generator, bio: Biology, k: Knobs, stromal
     deficit = k.white - cv.share(WHITE)
     stroma = cv.comp == STROMA
     if deficit > 0.02 and stroma.any():
-        if rng.random() < 0.7:
+        if _trait(rng, bio, 3, 0.7):  # fat, else the edge of the section
             zone = cv.threshold(cv.textures.crop(cv.textures.coarse, rng), min(1.0, 1.1 * deficit / stroma.mean()), where=stroma)
             st.fat(cv, rng, zone, rng.uniform(35, 75))
         else:
