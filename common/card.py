@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.classes import class_names
 from common.config import ModelConfig, PrivacyConfig, RunConfig
+from common.datasets.tissue import FIELD_UM
 from common.model import build_model_for
 from common.rundir import RunDirectory
 from common.training import IMAGENET_MEAN, IMAGENET_STD
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
 CARD_KEY = "histofed-card"
 CARD_FORMAT = "histofed-model-card/1"
 # µm per pixel of the images the model sees (after resizing to model.image-size), per dataset; None = not known.
-# Register a dataset here when its scale is stated (e.g. the synthetic generator of issue 12).
+# Register a dataset here when its scale is stated: a synthetic patch spans FIELD_UM micrometres at any size.
 TRAINING_MPP: dict[str, Callable[[RunConfig], float | None]] = {
-    "synthetic": lambda cfg: None,
+    "synthetic": lambda cfg: FIELD_UM / cfg.model.image_size,
     "breakhis": lambda cfg: None,
     "camelyon17": lambda cfg: None,
 }

@@ -103,6 +103,19 @@ class DataConfig(_Section):
     stain_reference: str = Field("", description="reference patch for Macenko ('' = torchstain's reference)")
     stain_augment: float = Field(0.0, ge=0.0, le=1.0, description="H&E (HED) jitter strength in training (0 = off)")
     cache_dir: str = Field("", description="where dataset indexes and rendered synthetic sites are cached ('' = ~/.cache/histofed)")
+    # ---- the synthetic generator (common/datasets/synthetic.py) ----
+    patients_per_site: int = Field(60, gt=0, description="synthetic: patients per hospital (splits are by patient)")
+    label_noise: float = Field(0.0, ge=0.0, lt=0.5, description="synthetic: share of train/val labels replaced by another class (test labels stay true)")
+    subtype_mix: str = Field("uniform", description="synthetic: subtype weights: uniform, breakhis, or name=weight,... pairs")
+    outlier_site: int = Field(-1, ge=-1, description="synthetic: hospital index made an outlier lab, Camelyon17-style (-1 = none)")
+
+    @field_validator("subtype_mix")
+    @classmethod
+    def _known_subtype_mix(cls, value: str) -> str:
+        from common.datasets.cohort import parse_mix
+
+        parse_mix(value)
+        return value.strip()
 
     @field_validator("dataset")
     @classmethod
@@ -266,6 +279,13 @@ class RunConfig(_Section):
         if self.train.optimizer != "sgd" or self.train.momentum != 0.0:  # its c_i update assumes plain SGD steps
             raise ValueError("federation.strategy=scaffold needs plain SGD: train.optimizer=sgd and train.momentum=0 "
                              f"(got train.optimizer='{self.train.optimizer}', train.momentum={self.train.momentum:g})")
+        return self
+
+    @model_validator(mode="after")
+    def _outlier_site_exists(self) -> RunConfig:
+        if self.data.outlier_site >= self.federation.num_sites:
+            raise ValueError(f"data.outlier-site ({self.data.outlier_site}) must be below federation.num-sites "
+                             f"({self.federation.num_sites})")
         return self
 
     def to_flat(self) -> dict[str, FlatValue]:

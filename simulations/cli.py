@@ -137,6 +137,26 @@ def fixture(
     console.print(f"wrote a synthetic {dataset} tree (real layout, synthetic images) to {path}", highlight=False)
 
 
+@app.command("export-data")
+def export_data(
+    out: Annotated[Path, typer.Option("--out", help="new or empty folder to write the ImageFolder tree into")],
+    scenario: Annotated[str, typer.Argument(help="a synthetic scenario (see `flower-sim scenarios`)")] = DEFAULT_SCENARIO,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
+) -> None:
+    """Write a scenario's SYNTHETIC hospitals as PNGs (<site>/<split>/<class>/<patient>-<n>.png) plus labels.csv."""
+    from common.config import parse_assignments
+    from simulations.export_data import ExportError, check_target, export
+
+    try:
+        check_target(out)
+        cfg = get_scenario(scenario).config().override(parse_assignments(set_ or ()))
+        counts = export(cfg, out)
+    except (ConfigError, ExportError) as err:
+        _fail(str(err))
+    console.print(f"wrote {sum(counts.values())} synthetic images ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+                  f"and labels.csv to {out}", highlight=False)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -221,3 +241,7 @@ def _report_failure(status: dict, run_dir: Path) -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

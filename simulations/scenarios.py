@@ -25,8 +25,8 @@ DEFAULT_SCENARIO = "synthetic-3sites"
 
 SCENARIOS: dict[str, Scenario] = {
     "synthetic-3sites": Scenario(
-        "3 synthetic H&E-like hospitals (stain shift, label skew 30/50/70 % malignant), "
-        "tf_efficientnetv2_b0 hybrid at 64 px, FedAvg, 5 rounds of 1 local epoch",
+        "3 synthetic H&E hospitals (60 patients each on average, patient-disjoint splits; labs differ in stain, "
+        "scanner and case mix 45/50/55 % malignant), tf_efficientnetv2_b0 hybrid at 64 px, FedAvg, 5 rounds of 1 local epoch",
         {},  # the RunConfig defaults are this scenario
     ),
     "breakhis-4sites": Scenario(

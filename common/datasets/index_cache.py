@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,19 @@ def cached_index(
 
 def cached_arrays(
     name: str, key: dict[str, Any], build: Callable[[], dict[str, np.ndarray]], *, cache_dir: Path,
-    code: Path | None = None,
+    code: Path | Sequence[Path] | None = None,
 ) -> dict[str, np.ndarray]:
     """Return build()'s arrays, reusing an .npz file keyed by `key` and the generating module's source.
 
     Deployment starts a fresh ClientApp process for every message, so a per-process cache does not
-    survive a round; this one does. Loading never unpickles (allow_pickle=False).
+    survive a round; this one does. Loading never unpickles (allow_pickle=False). `code`: the generator's
+    source file(s); editing any of them changes the key.
     """
-    stamp = {**key, "version": INDEX_VERSION, "code": hashlib.sha1(code.read_bytes()).hexdigest() if code else ""}
+    files = [code] if isinstance(code, Path) else list(code or ())
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.read_bytes())
+    stamp = {**key, "version": INDEX_VERSION, "code": digest.hexdigest() if files else ""}
     path = cache_dir / f"{name}-{hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         try:

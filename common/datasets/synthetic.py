@@ -1,10 +1,10 @@
-"""Synthetic H&E-like multi-hospital patches: seeded, label learnable from nuclear morphology, stain shifted per site.
+"""Synthetic H&E hospitals (the embedded benchmark): patients, patient-disjoint splits, cached rendering.
 
-Everything produced here is SYNTHETIC. Images are rendered in optical-density space with the
-Ruifrok & Johnston (2001) haematoxylin/eosin vectors: pink eosin stroma with fibre texture and
-purple haematoxylin nuclei. The label lives in morphology (malignant: denser, larger, more
-pleomorphic, darker nuclei; each of the 8 BreakHis-like subtypes has its own pattern), while
-each hospital changes stain colour/intensity, brightness and class balance (non-IID sites).
+Everything produced here is SYNTHETIC. Each hospital is a set of patients (cohort.py) whose
+patches the tissue renderer (tissue/) draws: the label lives in architecture and nuclear texture,
+hospitals differ like labs and scanners. Splits are by patient, with the same code as BreakHis
+(common.datasets.patients.split_patients); `partition` records site → split → patient ids. A patch
+spans tissue.FIELD_UM micrometres (tissue.UM_PER_PX at 64 px), whatever model.image-size is.
 """
 
 from __future__ import annotations
@@ -12,59 +12,44 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.datasets import cohort, tissue
+from common.datasets.cohort import Hospital, Patient, hospital, parse_mix, site_patients
 from common.datasets.index_cache import cached_arrays, default_cache_dir
+from common.datasets.patients import SPLITS, split_patients
 from common.datasets.splits import ArraySplit
 from common.datasets.summary import SplitSummary
+from common.datasets.tissue import FIELD_UM, SUBTYPES, UM_PER_PX, render_patch
 
 if TYPE_CHECKING:
     from common.config import RunConfig
 
-H_OD = np.array([0.650, 0.704, 0.286])  # haematoxylin optical density (Ruifrok & Johnston 2001)
-E_OD = np.array([0.072, 0.990, 0.105])  # eosin
-SPLITS = {"train": 0, "test": 1}
+FIELDS_PER_PATIENT = 4  # regions of a patient's slide its patches come from (neighbouring fields look alike)
+
+__all__ = [
+    "FIELD_UM", "SPLITS", "SUBTYPES", "UM_PER_PX", "Hospital", "Patient", "SyntheticSplit", "check", "cohort_of",
+    "generate", "hospital", "load_split", "partition", "render", "site_names", "source_files",
+]
+
+
+class SyntheticSplit(ArraySplit):
+    """Rendered patches with, per patch, the patient id and subtype index (for audits, exports, leakage studies)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, patients: np.ndarray, subtypes: np.ndarray) -> None:
+        super().__init__(images, labels, patients=patients)
+        self.subtypes = np.asarray(subtypes, dtype=np.int64)
 
 
 @dataclass(frozen=True)
-class Morphology:
-    """Nuclear pattern of one subtype (sizes in pixels at 64 px; scaled with the image)."""
+class Cohort:
+    """One site: its lab, its patients, and which patients are in which split."""
 
-    name: str
-    malignant: bool
-    density: float  # nuclei per 64x64 area
-    radius: float  # mean nuclear radius
-    pleomorphism: float  # relative sd of radius and boundary irregularity
-    darkness: float  # haematoxylin concentration
-    elongation: float  # max axis ratio
-    clusters: int  # 0 = scattered; k = nuclei gathered around k centres
-    mucin: float  # pale mucin pools (0 = none)
-
-
-SUBTYPES: tuple[Morphology, ...] = (
-    Morphology("adenosis", False, 14, 2.4, 0.10, 0.9, 1.3, 3, 0.0),
-    Morphology("fibroadenoma", False, 9, 2.2, 0.10, 0.8, 2.0, 2, 0.0),
-    Morphology("phyllodes_tumor", False, 18, 2.5, 0.15, 0.9, 2.4, 0, 0.0),
-    Morphology("tubular_adenoma", False, 12, 2.6, 0.10, 1.0, 1.2, 5, 0.0),
-    Morphology("ductal_carcinoma", True, 30, 3.6, 0.35, 1.5, 1.5, 0, 0.0),
-    Morphology("lobular_carcinoma", True, 26, 3.0, 0.30, 1.4, 1.2, 6, 0.0),
-    Morphology("mucinous_carcinoma", True, 22, 3.4, 0.35, 1.5, 1.4, 3, 0.6),
-    Morphology("papillary_carcinoma", True, 28, 3.8, 0.40, 1.6, 2.0, 2, 0.0),
-)
-
-
-@dataclass(frozen=True)
-class Hospital:
-    """Scanner/stain profile and case mix of one simulated hospital."""
-
-    h_vector: np.ndarray
-    e_vector: np.ndarray
-    h_scale: float
-    e_scale: float
-    brightness: float
-    malignant_fraction: float
+    hospital: Hospital
+    patients: tuple[Patient, ...]
+    splits: dict[str, list[str]]
 
 
 def site_names(cfg: RunConfig) -> list[str]:
@@ -72,145 +57,139 @@ def site_names(cfg: RunConfig) -> list[str]:
     return [f"synthetic-hospital-{i}" for i in range(cfg.federation.num_sites)]
 
 
-def partition(cfg: RunConfig) -> dict:
-    """Audit record of the simulated hospitals (generated, so no patients to deal out)."""
+def source_files() -> list[Path]:
+    """The generator's source: this module, the cohort and every renderer file (the cache key hashes them)."""
+    return [Path(__file__), Path(cohort.__file__), *tissue.source_files()]
+
+
+@functools.lru_cache(maxsize=64)
+def cohort_of(site: int, num_sites: int, seed: int, patients: int, mix: str, outlier_site: int,
+              val_fraction: float, test_fraction: float) -> Cohort:
+    """The site's lab, patients and patient-disjoint train/val/test split (deterministic from the seed)."""
+    if patients < 1:
+        raise ValueError(f"data.patients-per-site must be at least 1 (got {patients})")
+    hosp = hospital(site, num_sites, seed, outlier=site == outlier_site)
+    people = tuple(site_patients(site, hosp, patients, seed, parse_mix(mix)))
+    records = [{"patient": p.id, "binary": int(p.malignant)} for p in people]
+    splits = split_patients(records, seed=seed + site, val_fraction=val_fraction, test_fraction=test_fraction)
+    return Cohort(hosp, people, splits)
+
+
+def _cohort(cfg: RunConfig, site: int) -> Cohort:
+    d = cfg.data
+    return cohort_of(site, cfg.federation.num_sites, d.seed, d.patients_per_site, d.subtype_mix, d.outlier_site,
+                     d.val_fraction, d.test_fraction)
+
+
+def partition(cfg: RunConfig) -> dict[str, Any]:
+    """Audit record like the real readers': site → split → patient ids, plus each site's lab and case mix."""
     sites = {}
     for i, name in enumerate(site_names(cfg)):
-        h = hospital(i, cfg.federation.num_sites, cfg.data.seed)
-        sites[name] = {"malignant-fraction": round(h.malignant_fraction, 3), "h-scale": round(h.h_scale, 3),
-                       "e-scale": round(h.e_scale, 3), "train": cfg.data.train_per_site, "test": cfg.data.test_per_site}
-    return {"dataset": "synthetic", "seed": cfg.data.seed, "sites": sites}
+        c = _cohort(cfg, i)
+        sites[name] = {
+            **c.splits, "malignant-fraction": round(c.hospital.malignant_fraction, 3),
+            "outlier-lab": c.hospital.outlier,
+            "subtypes": {p.id: SUBTYPES[p.subtype].name for p in c.patients},
+        }
+    d = cfg.data
+    return {"dataset": "synthetic", "seed": d.seed, "um-per-px-at-64": UM_PER_PX, "patients-per-site": d.patients_per_site,
+            "subtype-mix": d.subtype_mix, "label-noise": d.label_noise, "sites": sites}
 
 
 def check(cfg: RunConfig) -> list[SplitSummary]:
-    """Per site and split: images per class (synthetic: generated, nothing unreadable, no patients)."""
+    """Per site and split: images per class and patients (generated, so nothing is unreadable)."""
     out = []
     for i, name in enumerate(site_names(cfg)):
         for split in SPLITS:
-            counts = np.bincount(load_split(cfg, i, split).labels, minlength=cfg.model.num_classes)
-            out.append(SplitSummary(name, split, {k: int(v) for k, v in enumerate(counts)}, patients=0))
+            data = load_split(cfg, i, split)
+            counts = np.bincount(data.labels, minlength=cfg.model.num_classes)
+            out.append(SplitSummary(name, split, {k: int(v) for k, v in enumerate(counts)},
+                                    patients=len(set(data.patients.tolist()))))
     return out
 
 
-def hospital(site: int, num_sites: int, seed: int) -> Hospital:
-    """Deterministic stain profile and class balance for one site."""
-    rng = np.random.default_rng([seed, 7919, site])
-    jitter = lambda v: _unit(v + rng.normal(0.0, 0.08, 3))  # noqa: E731
-    spread = site / max(num_sites - 1, 1)  # 0 .. 1 across sites: label skew 0.3 .. 0.7
-    return Hospital(
-        h_vector=jitter(H_OD),
-        e_vector=jitter(E_OD),
-        h_scale=float(rng.uniform(0.75, 1.3)),
-        e_scale=float(rng.uniform(0.7, 1.35)),
-        brightness=float(rng.uniform(-0.08, 0.08)),
-        malignant_fraction=0.3 + 0.4 * spread if num_sites > 1 else 0.5,
-    )
+def split_size(cfg: RunConfig, split: str) -> int:
+    """Patches per site in a split: data.train-per-site for train, data.test-per-site for val and test."""
+    return cfg.data.train_per_site if split == "train" else cfg.data.test_per_site
 
 
-def load_split(cfg: RunConfig, site: int, split: str) -> ArraySplit:
-    """One site's synthetic split, generated deterministically from the config's seed."""
-    n = cfg.data.train_per_site if split == "train" else cfg.data.test_per_site
-    data = generate(
-        site=site,
-        num_sites=cfg.federation.num_sites,
-        split=split,
-        n=n,
-        image_size=cfg.model.image_size,
-        num_classes=cfg.model.num_classes,
-        seed=cfg.data.seed,
-        cache_dir=str(default_cache_dir(cfg.data.cache_dir)),
+def load_split(cfg: RunConfig, site: int, split: str) -> SyntheticSplit:
+    """One site's synthetic split, generated deterministically from the config's seed (no stain handling: load_site's)."""
+    d = cfg.data
+    return generate(
+        site=site, num_sites=cfg.federation.num_sites, split=split, n=split_size(cfg, split),
+        image_size=cfg.model.image_size, num_classes=cfg.model.num_classes, seed=d.seed,
+        cache_dir=str(default_cache_dir(d.cache_dir)), patients=d.patients_per_site, mix=d.subtype_mix,
+        outlier_site=d.outlier_site, label_noise=d.label_noise, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
     )
-    return data
 
 
 @functools.lru_cache(maxsize=16)
 def generate(
     *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int,
-    cache_dir: str = "",
-) -> ArraySplit:
-    """Render n patches for a site and split; cached per process, and on disk under cache_dir when given."""
+    cache_dir: str = "", patients: int = 60, mix: str = "uniform", outlier_site: int = -1, label_noise: float = 0.0,
+    val_fraction: float = 0.15, test_fraction: float = 0.2,
+) -> SyntheticSplit:
+    """Render n patches of a site's split; cached per process, and on disk under cache_dir when given."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
     key = {"site": site, "num_sites": num_sites, "split": split, "n": n, "image_size": image_size,
-           "num_classes": num_classes, "seed": seed}
+           "num_classes": num_classes, "seed": seed, "patients": patients, "mix": mix, "outlier_site": outlier_site,
+           "label_noise": label_noise, "val_fraction": val_fraction, "test_fraction": test_fraction}
     build = functools.partial(_render_split, **key)  # deployment: a fresh process per message, so use the disk
-    arrays = cached_arrays("synthetic", key, build, cache_dir=Path(cache_dir), code=Path(__file__)) if cache_dir else build()
-    return ArraySplit(arrays["images"], arrays["labels"])
+    arrays = (cached_arrays("synthetic", key, build, cache_dir=Path(cache_dir), code=source_files())
+              if cache_dir else build())
+    return SyntheticSplit(arrays["images"], arrays["labels"], arrays["patients"], arrays["subtypes"])
+
+
+def allocate(patient_ids: list[str], n: int, rng: np.random.Generator) -> list[int]:
+    """Patches per patient: n shared as evenly as possible (who gets one more is drawn)."""
+    if not patient_ids:
+        return []
+    counts = np.full(len(patient_ids), n // len(patient_ids))
+    counts[rng.permutation(len(patient_ids))[: n % len(patient_ids)]] += 1
+    return counts.tolist()
 
 
 def _render_split(
-    *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int
+    *, site: int, num_sites: int, split: str, n: int, image_size: int, num_classes: int, seed: int, patients: int,
+    mix: str, outlier_site: int, label_noise: float, val_fraction: float, test_fraction: float,
 ) -> dict[str, np.ndarray]:
-    hosp = hospital(site, num_sites, seed)
-    rng = np.random.default_rng([seed, site, SPLITS[split], image_size])
-    malignant = rng.random(n) < hosp.malignant_fraction
-    subtype = np.where(malignant, rng.integers(4, 8, n), rng.integers(0, 4, n))
-    images = np.stack([render(rng, image_size, SUBTYPES[s], hosp) for s in subtype])
-    labels = subtype if num_classes == 8 else malignant.astype(np.int64)
-    return {"images": images, "labels": labels.astype(np.int64)}
+    c = cohort_of(site, num_sites, seed, patients, mix, outlier_site, val_fraction, test_fraction)
+    by_id = {p.id: p for p in c.patients}
+    ids = c.splits[split]
+    if not ids:
+        raise ValueError(f"synthetic-hospital-{site} has no '{split}' patients: raise data.patients-per-site "
+                         f"(now {patients}) or the split's fraction")
+    counts = allocate(ids, n, np.random.default_rng([seed, site, 31, SPLITS.index(split)]))
+    images, owners, subtypes = [], [], []
+    for pid, count in zip(ids, counts):
+        p, k = by_id[pid], int(pid.rsplit("p", 1)[1])
+        for j in range(count):
+            rng = np.random.default_rng([seed, site, k, j, image_size])
+            field = np.random.default_rng([seed, site, k, 7331, j % FIELDS_PER_PATIENT, image_size])
+            images.append(render_patch(rng, image_size, p.subtype, p.biology, p.stain, c.hospital.scanner, field))
+            owners.append(pid)
+            subtypes.append(p.subtype)
+    sub = np.asarray(subtypes, np.int64)
+    labels = sub if num_classes == 8 else (sub >= 4).astype(np.int64)
+    if label_noise > 0 and split != "test":  # annotation errors in training data; the test labels stay true
+        labels = _noisy(labels, label_noise, num_classes, np.random.default_rng([seed, site, 53, SPLITS.index(split)]))
+    return {"images": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+            "labels": labels.astype(np.int64), "patients": np.asarray(owners, dtype=str).reshape(-1),
+            "subtypes": sub}
 
 
-def render(rng: np.random.Generator, size: int, morph: Morphology, hosp: Hospital) -> np.ndarray:
-    """Render one H x W x 3 uint8 patch."""
-    scale = size / 64.0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    conc_e = _stroma(rng, xx, yy, scale) * (1.0 - morph.mucin * _blobs(rng, xx, yy, scale))
-    conc_h = 0.04 + 0.03 * rng.random((size, size), dtype=np.float32)
-    for cy, cx in _centres(rng, size, morph):
-        _stamp_nucleus(rng, conc_h, cy, cx, morph, scale)
-    od = (hosp.h_scale * conc_h)[..., None] * hosp.h_vector
-    od = od + (hosp.e_scale * conc_e)[..., None] * hosp.e_vector
-    rgb = np.exp(-od) + hosp.brightness + rng.normal(0.0, 0.015, od.shape)
-    return (np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+def _noisy(labels: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Each label replaced, with probability rate, by a uniformly drawn different class."""
+    flip = rng.random(labels.size) < rate
+    other = (labels + rng.integers(1, num_classes, labels.size)) % num_classes
+    return np.where(flip, other, labels)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.abs(v)
-    return v / np.linalg.norm(v)
-
-
-def _stroma(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, scale: float) -> np.ndarray:
-    angle = rng.uniform(0, np.pi)
-    freq = rng.uniform(0.25, 0.5) / scale
-    fibres = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq + rng.uniform(0, 6.3))
-    return (0.32 + 0.10 * fibres + 0.05 * rng.random(xx.shape)).astype(np.float32)
-
-
-def _blobs(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, scale: float) -> np.ndarray:
-    size = xx.shape[0]
-    out = np.zeros_like(xx)
-    for _ in range(2):
-        cy, cx = rng.uniform(0, size, 2)
-        r = rng.uniform(8, 16) * scale
-        out = np.maximum(out, np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
-    return out
-
-
-def _centres(rng: np.random.Generator, size: int, morph: Morphology) -> np.ndarray:
-    count = rng.poisson(morph.density * (size / 64.0) ** 2)
-    if morph.clusters == 0:
-        return rng.uniform(0, size, (count, 2))
-    hubs = rng.uniform(0.15 * size, 0.85 * size, (morph.clusters, 2))
-    picks = hubs[rng.integers(0, morph.clusters, count)]
-    return np.clip(picks + rng.normal(0.0, 0.09 * size, (count, 2)), 0, size - 1)
-
-
-def _stamp_nucleus(
-    rng: np.random.Generator, conc: np.ndarray, cy: float, cx: float, morph: Morphology, scale: float
-) -> None:
-    size = conc.shape[0]
-    r = max(0.8, morph.radius * scale * (1.0 + morph.pleomorphism * rng.normal()))
-    ratio = rng.uniform(1.0, morph.elongation)
-    a, b = r * np.sqrt(ratio), r / np.sqrt(ratio)
-    ext = int(np.ceil(a * 1.5)) + 1
-    y0, y1 = max(0, int(cy) - ext), min(size, int(cy) + ext + 1)
-    x0, x1 = max(0, int(cx) - ext), min(size, int(cx) + ext + 1)
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    theta = rng.uniform(0, np.pi)
-    dx, dy = xx - cx, yy - cy
-    u = dx * np.cos(theta) + dy * np.sin(theta)
-    v = -dx * np.sin(theta) + dy * np.cos(theta)
-    wobble = 1.0 + morph.pleomorphism * 0.5 * np.sin(3 * np.arctan2(v, u) + rng.uniform(0, 6.3))
-    inside = (u / a) ** 2 + (v / b) ** 2 <= wobble**2
-    chromatin = morph.darkness * (0.8 + 0.4 * rng.random(inside.shape, dtype=np.float32))
-    conc[y0:y1, x0:x1] = np.where(inside, np.maximum(conc[y0:y1, x0:x1], chromatin), conc[y0:y1, x0:x1])
+def render(rng: np.random.Generator, size: int, subtype: Any, hosp: Hospital) -> np.ndarray:
+    """One patch of a subtype (index or SUBTYPES entry) from a fresh random patient of this hospital (fixture writers)."""
+    index = subtype if isinstance(subtype, (int, np.integer)) else SUBTYPES.index(subtype)
+    bio = tissue.sample_biology(rng, SUBTYPES[index].malignant)
+    return render_patch(rng, size, int(index), bio, cohort.slide_stain(rng, hosp.stain), hosp.scanner)
