@@ -11,6 +11,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+FROZEN = "frozen"  # fine-tuning recipes: the frozen part of the global model, sent to sites, never sent back or averaged
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"

@@ -166,10 +166,16 @@ def evaluate(
         total += F.cross_entropy(logits, labels.to(device, non_blocking=True), reduction="sum")
         probs.append(torch.softmax(logits, dim=1).cpu())
         ys.append(labels)
+    return eval_result(probs, ys, float(total), skipped, num_classes, bins)
+
+
+def eval_result(probs: list[torch.Tensor], ys: list[torch.Tensor], loss_sum: float, skipped: int, num_classes: int,
+                bins: int = DEFAULT_BINS) -> EvalResult:
+    """An EvalResult from per-batch class probabilities and labels (and the summed loss)."""
     p = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     return EvalResult(
-        loss=float(total) / max(len(y), 1),
+        loss=loss_sum / max(len(y), 1),
         num_examples=len(y),
         confusion=confusion_matrix(y, p.argmax(axis=1), num_classes),
         histograms=score_histograms(y, p, bins),

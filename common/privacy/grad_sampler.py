@@ -7,6 +7,7 @@ the same numbers; it also hands its result to Opacus without the zero-filled buf
 for every layer (a 16 x 1152 x 192 per-sample gradient is 14 MB). It is registered through Opacus's
 grad-sampler registry (hooks mode) for two subclasses (`FastConv2d`, `FastConv2dSame`) that the DP model
 builder swaps in; any other module, a plain `nn.Conv2d` included, keeps Opacus's own sampler.
+It also registers the per-sample gradient of `ChannelAffine`, the folded BatchNorm of fine-tuning recipes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_samp
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
+
+from common.trainable import ChannelAffine
 
 
 class FastConv2d(nn.Conv2d):
@@ -98,6 +101,20 @@ def _pointwise(layer: nn.Conv2d) -> bool:
             and not any(layer._reversed_padding_repeated_twice))
 
 
+def channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a folded BatchNorm (y = x·w[c] + b[c]): N x C each (Opacus grad-sampler signature)."""
+    x = activations[0].to(backprops.dtype)
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x * backprops).flatten(2).sum(-1)
+    if layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(-1)
+    return out
+
+
+GradSampleHooks.GRAD_SAMPLERS[ChannelAffine] = channel_affine_grad_sample
 for _cls in FAST_CLASSES:  # hooks mode only (histofed's trainer); ghost clipping keeps Opacus's samplers
     GradSampleHooks.GRAD_SAMPLERS[_cls] = grouped_conv_grad_sample
 
