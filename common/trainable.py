@@ -141,12 +141,16 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def update_keys(model: nn.Module, part: str) -> list[str]:
-    """state_dict keys a site sends back: all of them for 'all' (BatchNorm statistics change), else the trainable weights."""
-    keys = list(model.state_dict())
+    """state_dict keys a site sends back: all of them for 'all' (BatchNorm statistics change), else the trainable weights.
+
+    By identity, not by name: Opacus's DPGRU lists each weight under two state_dict keys (`gru.weight_ih_l0` and
+    `gru.l0.ih.weight`), and both must travel, or the stale one would overwrite the trained one when loaded.
+    """
+    state = model.state_dict(keep_vars=True)
     if part == "all":
-        return keys
-    names = set(trainable_names(model))
-    return [k for k in keys if k in names]
+        return list(state)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return [k for k, v in state.items() if id(v) in trainable]
 
 
 def check_private_trainable(model: nn.Module, part: str) -> None:
