@@ -144,6 +144,20 @@ def average_view_gradients(params: Iterable[nn.Parameter], k: int) -> None:
         p.grad_sample = gs.view(-1, k, *gs.shape[1:]).mean(dim=1)
 
 
+def train_step(split: Split, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               params: list[nn.Parameter], *, k: int, dp: bool, penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One step on K·B rows (gradients zeroed by the caller): tail, mean cross-entropy, per-image view average (DP), step."""
+    loss = F.cross_entropy(split.tail(x), y.repeat_interleave(k))
+    value = float(loss.detach())
+    if penalty is not None:
+        loss = loss + penalty()
+    loss.backward()
+    if dp and k > 1:
+        average_view_gradients(params, k)
+    optimizer.step()
+    return value
+
+
 def run_epochs(model: nn.Module, split: Split, batches: SiteBatches, optimizer: torch.optim.Optimizer,
                cfg: RunConfig, *, dp: bool, empty_step: Callable[[], None] | None = None,
                proximal_mu: float = 0.0) -> tuple[float, int]:
@@ -151,7 +165,11 @@ def run_epochs(model: nn.Module, split: Split, batches: SiteBatches, optimizer: 
     params = [p for p in model.parameters() if p.requires_grad]
     k = min(cfg.train.augment_multiplicity, VIEWS)
     ema = WeightAverage(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 and not dp else []
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 and not dp else []  # FedProx (not under DP)
+
+    def penalty() -> torch.Tensor:
+        return proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
     total, seen = 0.0, 0
     model.train()
     for _ in range(cfg.train.local_epochs):
@@ -163,16 +181,10 @@ def run_epochs(model: nn.Module, split: Split, batches: SiteBatches, optimizer: 
                 if empty_step is not None:  # DP: an empty Poisson batch is still a (noise-only) step
                     empty_step()
                 continue
-            loss = F.cross_entropy(split.tail(x), y.repeat_interleave(k))
-            if anchor:
-                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            loss.backward()
-            if dp and k > 1:
-                average_view_gradients(params, k)
-            optimizer.step()
+            loss = train_step(split, x, y, optimizer, params, k=k, dp=dp, penalty=penalty if anchor else None)
             if ema is not None and not getattr(optimizer, "_is_last_step_skipped", False):
                 ema.update()
-            total += float(loss.detach()) * y.numel()
+            total += loss * y.numel()
             seen += y.numel()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
