@@ -20,6 +20,7 @@ from common.datasets.registry import get_dataset
 from common.errors import ConfigError
 from common.finetune import average_view_gradients, evaluate_site, train_finetune
 from common.model import build_model, build_model_for
+from common.privacy.grad_sampler import FastGRU, gru_grad_sample
 from common.privacy.trainer import train_private
 from common.trainable import FrozenNormAct, apply_trainable, check_private_trainable, make_split, update_keys
 
@@ -71,7 +72,8 @@ def test_under_dp_only_trainable_layers_are_converted(ft_cfg) -> None:
     classifier = build_model_for(_private(ft_cfg, "classifier").model, _private(ft_cfg, "classifier").privacy)
     head = build_model_for(_private(ft_cfg, "head").model, _private(ft_cfg, "head").privacy)
     last = build_model_for(_private(ft_cfg, "last-stage").model, _private(ft_cfg, "last-stage").privacy)
-    assert type(classifier.gru) is nn.GRU and isinstance(head.gru, DPGRU)  # a frozen GRU needs no per-sample gradients
+    assert type(classifier.gru) is nn.GRU  # a frozen GRU needs no per-sample gradients
+    assert type(head.gru) is FastGRU and not isinstance(head.gru, DPGRU)  # nn.GRU's keys, fast per-sample gradients
     assert any(isinstance(m, BatchNormAct2d) for m in head.backbone.modules())  # frozen BatchNorm stays, eval mode
     assert not any(isinstance(m, nn.BatchNorm2d) for m in last.backbone.blocks[-1].modules())
     assert any(isinstance(m, FrozenNormAct) for m in last.backbone.blocks[-1].modules())
@@ -128,6 +130,21 @@ def test_per_sample_gradients_of_the_trainable_part_match_batch_of_one(ft_cfg, p
         grads = torch.autograd.grad(loss, exact_params)
         for sample, g in zip(samples, grads):
             torch.testing.assert_close(sample[i], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fast_gru_per_sample_gradients_are_exact(bidirectional) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    gru = FastGRU(6, 4, batch_first=True, bidirectional=bidirectional)
+    x, out_grad = torch.randn(3, 5, 6), torch.randn(3, 5, 8 if bidirectional else 4)
+    # Execute
+    samples = gru_grad_sample(gru, [x], out_grad)
+    # Assert
+    for i in range(3):
+        grads = torch.autograd.grad((gru(x[i:i + 1])[0] * out_grad[i:i + 1]).sum(), list(gru.parameters()))
+        for p, g in zip(gru.parameters(), grads):
+            torch.testing.assert_close(samples[p][i], g, rtol=1e-4, atol=1e-6)
 
 
 def test_the_ledger_of_a_finetune_equals_an_independent_opacus_accountant(ft_cfg, tmp_path) -> None:

@@ -3,7 +3,8 @@
 With a fine-tuning part (`model.trainable` other than `all`, common/trainable.py) only the TRAINABLE modules
 are converted: frozen BatchNorm layers and a frozen nn.GRU stay as they are (Opacus validates and hooks only
 modules with trainable parameters), BatchNorms whose affine weights train were already folded into
-`FrozenNormAct`, so the pretrained function is kept exactly.
+`FrozenNormAct`, so the pretrained function is kept exactly, and a trainable GRU becomes `FastGRU` (nn.GRU's
+forward and keys, per-sample gradients by a batched backward-through-time) instead of DPGRU.
 
 Opacus cannot compute per-sample gradients through BatchNorm (it mixes samples), and its validator does
 not notice timm's `BatchNormAct2d` (an nn.BatchNorm2d subclass), so `make_private` would fail late.
@@ -22,7 +23,7 @@ from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from common.errors import ConfigError
-from common.privacy.grad_sampler import use_fast_convs
+from common.privacy.grad_sampler import use_fast_convs, use_fast_gru
 
 MAX_NORM_GROUPS = 32  # GroupNorm groups: gcd(channels, 32) (Wu & He 2018 use 32)
 
@@ -71,7 +72,7 @@ def _replace_children(module: nn.Module, *, only_trainable: bool) -> None:
             continue
         if isinstance(child, nn.BatchNorm2d):
             setattr(module, name, _group_norm_from(child))
-        elif type(child) is nn.GRU:
+        elif type(child) is nn.GRU and not (only_trainable and use_fast_gru(child)):  # fine-tuning: same nn.GRU keys
             setattr(module, name, _gru_from(child))
         else:
             _replace_children(child, only_trainable=only_trainable)
