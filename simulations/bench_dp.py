@@ -53,8 +53,10 @@ SCRATCH = {"model.pretrained-path": "", "model.trainable": "all", "train.batch-s
 class Size:
     """How big the benchmark runs."""
 
-    model: dict[str, Any]
+    model: dict[str, Any]  # the whole hybrid's throughput (issue 5's setting)
     batch: int
+    recipe_model: dict[str, Any]  # the recipe's throughput (the scenario's image size)
+    recipe_batch: int
     warmup: int
     steps: int
     repeats: int
@@ -66,18 +68,25 @@ class Size:
     scratch_epsilons: tuple[float, ...] = (8.0, 3.0)
     central_sites: int = 20
     central: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe variants at ε = ablation_epsilon
+    ablation_epsilon: float = 3.0
 
 
 _TINY = {"model.backbone": "test_efficientnet", "model.image-size": 32, "model.token-dim": 8, "model.hidden-size": 8}
 _TINY_RUN = {**_TINY, "data.train-per-site": 16, "data.test-per-site": 8, "train.batch-size": 8, "federation.rounds": 1,
              "federation.num-sites": 2, "pretrain.corpus-size": 24, "pretrain.epochs": 1, "pretrain.batch-size": 8}
 SIZES = {
-    "default": Size({"model.image-size": 64}, batch=64, warmup=1, steps=3, repeats=3, scenario="synthetic-dp",
+    "default": Size({"model.image-size": 96}, batch=16, recipe_model={"model.image-size": 64}, recipe_batch=64,
+                    warmup=1, steps=3, repeats=3, scenario="synthetic-dp",
                     central={"data.train-per-site": 400, "data.test-per-site": 200, "privacy.mode": "central-fixed-server",
-                             "model.trainable": "classifier", "privacy.clipping-norm": 0.05}),
-    "tiny": Size(_TINY, batch=4, warmup=1, steps=1, repeats=1, scenario="synthetic-dp", accuracy=_TINY_RUN, seeds=1,
+                             "model.trainable": "classifier", "train.local-epochs": 5, "train.lr": 0.01,
+                             "privacy.clipping-norm": 1.0},  # C: the measured update norm of one such round
+                    ablations={"K=4": {"train.augment-multiplicity": 4}, "EMA 0.9": {"train.ema-decay": 0.9},
+                               "classifier": {"model.trainable": "classifier"}}),
+    "tiny": Size(_TINY, batch=4, recipe_model=_TINY, recipe_batch=4, warmup=1, steps=1, repeats=1, scenario="synthetic-dp", accuracy=_TINY_RUN, seeds=1,
                  epsilons=(8.0,), scratch_epsilons=(8.0,), central_sites=3,
-                 central={"privacy.mode": "central-fixed-server", "model.trainable": "classifier"}),
+                 central={"privacy.mode": "central-fixed-server", "model.trainable": "classifier"},
+                 ablations={"K=2": {"train.augment-multiplicity": 2}}),
 }
 
 
@@ -142,11 +151,11 @@ class _Stepper:
         self.opt.step()
 
 
-def _interleaved(cfg: RunConfig, size: Size, kinds: tuple[str, ...], log: Any) -> dict[str, list[float]]:
+def _interleaved(cfg: RunConfig, size: Size, n: int, kinds: tuple[str, ...], log: Any) -> dict[str, list[float]]:
     gen = torch.Generator().manual_seed(0)
     s = cfg.model.image_size
-    batch = torch.randint(0, 256, (size.batch, s, s, 3), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, cfg.model.num_classes, (size.batch,), generator=gen)
+    batch = torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, cfg.model.num_classes, (n,), generator=gen)
     steppers = {kind: _Stepper(cfg, kind, batch, labels) for kind in kinds}
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     for stepper in steppers.values():
@@ -157,7 +166,7 @@ def _interleaved(cfg: RunConfig, size: Size, kinds: tuple[str, ...], log: Any) -
             start = time.perf_counter()
             for _ in range(size.steps):
                 stepper.step()
-            rates[kind].append(size.steps * size.batch / (time.perf_counter() - start))
+            rates[kind].append(size.steps * n / (time.perf_counter() - start))
         log(f"  repeat {rep + 1}/{size.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()))
     return rates
 
@@ -169,12 +178,15 @@ def _ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
 def throughput(size: Size, log: Any = print) -> dict[str, Any]:
     """img/s of the whole hybrid (normal vs DP-SGD) and of the recipe (no DP vs DP-SGD, live prefix and cached)."""
     cfg = RunConfig().override(size.model)
-    whole = _interleaved(cfg, size, ("normal", "gn-no-dp", "dp-fast", "dp-stock"), log)
-    recipe_cfg = cfg.override({k: v for k, v in DP_RECIPE.items() if k.startswith(("model.trainable", "train.augment",
-                                                                                       "train.ema"))})
-    recipe = _interleaved(recipe_cfg, size, ("recipe", "recipe-dp", "recipe-cached", "recipe-cached-dp"), log)
+    whole = _interleaved(cfg, size, size.batch, ("normal", "gn-no-dp", "dp-fast", "dp-stock"), log)
+    recipe_cfg = RunConfig().override(size.recipe_model).override(
+        {k: v for k, v in DP_RECIPE.items() if k.startswith(("model.trainable", "train.augment", "train.ema", "train.lr",
+                                                             "train.optimizer"))})
+    recipe = _interleaved(recipe_cfg, size, size.recipe_batch, ("recipe", "recipe-dp", "recipe-cached", "recipe-cached-dp"),
+                          log)
     return {"image-size": cfg.model.image_size, "batch": size.batch, "threads": torch.get_num_threads(),
             "recipe": recipe_cfg.model.trainable, "multiplicity": recipe_cfg.train.augment_multiplicity,
+            "recipe-image-size": recipe_cfg.model.image_size, "recipe-batch": size.recipe_batch,
             "img-s": {k: round(statistics.median(v), 2) for k, v in {**whole, **recipe}.items()},
             "dp-fast/normal": _ratio(whole, "dp-fast", "normal"), "dp-stock/normal": _ratio(whole, "dp-stock", "normal"),
             "gn-no-dp/normal": _ratio(whole, "gn-no-dp", "normal"), "dp-fast/dp-stock": _ratio(whole, "dp-fast", "dp-stock"),
@@ -201,6 +213,8 @@ def plan_runs(size: Size, seeds: int) -> list[Run]:
     for seed in range(seeds):
         runs.append(Run("pretrained", "non-DP", seed, off))
         runs += [Run("pretrained", f"ε={e:g}", seed, dp(e)) for e in size.epsilons]
+        runs += [Run("pretrained", f"ε={size.ablation_epsilon:g} {name}", seed, {**dp(size.ablation_epsilon), **sets})
+                 for name, sets in size.ablations.items()]
     central = ("--sites", str(size.central_sites), "--cpus-per-site", "1")  # 2 Ray actors serve all sites (memory)
     name = f"central-{size.central_sites}"
     for seed in range(seeds):
@@ -313,14 +327,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _print(result: dict[str, Any]) -> None:
     t = result.get("throughput")
     if t:
-        print(f"\nthroughput at {t['image-size']} px, batch {t['batch']}, {t['threads']} threads (img/s): "
+        print(f"\nthroughput (whole model at {t['image-size']} px, batch {t['batch']}; {t['threads']} threads; img/s): "
               + ", ".join(f"{k} {v}" for k, v in t["img-s"].items()))
         print(f"DP-SGD/normal img/s, fast grouped-conv sampler: {t['dp-fast/normal']} (whole model)")
         print(f"DP-SGD/normal img/s, Opacus's stock sampler:    {t['dp-stock/normal']}")
         print(f"DP-compatible model without DP/normal:         {t['gn-no-dp/normal']}")
         print(f"fast/stock sampler speed-up:                   {t['dp-fast/dp-stock']}x")
-        print(f"recipe ({t['recipe']}, K = {t['multiplicity']}) DP/no-DP img/s, from images: {t['recipe-dp/recipe']}; "
-              f"from the feature cache: {t['recipe-cached-dp/recipe-cached']}")
+        print(f"recipe ({t['recipe']}, K = {t['multiplicity']}, {t['recipe-image-size']} px, batch {t['recipe-batch']}) "
+              f"DP/no-DP img/s, from images: {t['recipe-dp/recipe']}; from the feature cache: "
+              f"{t['recipe-cached-dp/recipe-cached']}")
     rows = result.get("accuracy", {})
     if rows:
         print("\nfinal global accuracy (mean ± sd over seeds), largest per-site ε at δ, σ, training img/s per site:")

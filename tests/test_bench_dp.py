@@ -10,7 +10,7 @@ from simulations import bench_dp
 def _stub(size, run, run_dir):
     """A run's figures as a function of what it is (private runs lose accuracy with ε), so the summary can be checked."""
     private = run.variant != "non-DP"
-    eps = float(run.variant.split("=")[1]) if private else 0.0
+    eps = float(run.variant.split("=")[1].split()[0]) if private else 0.0
     base = {"pretrained": 0.95, "scratch": 0.90}.get(run.group, 0.80) + 0.01 * run.seed
     out = {"accuracy": base - (0.05 / eps if private else 0.0), "f1": 0.5, "auc": 0.5, "rounds": 1, "wall-s": 1.0,
            "train-img-s": 100.0}
@@ -28,6 +28,7 @@ def test_the_benchmark_runs_every_cell_of_the_table_and_reports_each_goal(monkey
     # Assert: every planned cell is summarised over its seeds
     size = bench_dp.SIZES["tiny"]
     expected = {f"pretrained {v}" for v in ("non-DP", *(f"ε={e:g}" for e in size.epsilons))}
+    expected |= {f"pretrained ε={size.ablation_epsilon:g} {name}" for name in size.ablations}
     expected |= {f"scratch {v}" for v in ("non-DP", *(f"ε={e:g}" for e in size.scratch_epsilons))}
     expected |= {f"central-{size.central_sites} non-DP", f"central-{size.central_sites} ε=8"}
     rows = result["accuracy"]
