@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import functools
-from collections.abc import Iterator
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +18,7 @@ from common.config import ModelConfig, PrivacyConfig, RunConfig
 from common.datasets.images import BadImageError
 from common.datasets.registry import get_dataset, load_site
 from common.fedbn import keep_local_norm, local_norm_path, restore_local_norm
+from common.finetune import evaluate_site as evaluate_split, train_finetune
 from common.model import build_model_for
 from common.privacy.ledger import ledger_path
 from common.privacy.modes import privacy_mode
@@ -27,7 +26,8 @@ from common.privacy.monitor import DECLINED, encode_metrics
 from common.scaffold import ClientState, train_scaffold
 from common.seeds import site_seed
 from common.site_state import state_path
-from common.training import evaluate, prepare, select_device, train_local
+from common.trainable import update_keys
+from common.training import prepare, select_device, train_local
 from common.weights import load_weights
 from client import timing
 from client.site import Site, SiteRefused, node_view
@@ -45,7 +45,26 @@ def _central_clipping(msg: Message, context: Context, call_next: ClientAppCallab
     """Flower's client-side clipping mod named by the privacy-mode table, applied only when the run's mode has one."""
     spec = privacy_mode(str(context.run_config.get("privacy.mode", "off")))
     mod = getattr(flwr_mods, spec.client_mod) if spec.client_mod else None
-    return mod(msg, context, call_next) if mod else call_next(msg, context)
+    if mod is None:
+        return call_next(msg, context)
+    frozen = msg.content.array_records.get(P.FROZEN)
+    if frozen is None:
+        return mod(msg, context, call_next)
+    del msg.content[P.FROZEN]  # Flower's mods accept one ArrayRecord: they clip the trainable part, the frozen one waits
+
+    def with_frozen(inner: Message, ctx: Context) -> Message:
+        inner.content[P.FROZEN] = frozen
+        return call_next(inner, ctx)
+
+    return mod(msg, context, with_frozen)
+
+
+def _received(msg: Message) -> dict[str, torch.Tensor]:
+    """The global model as sent: its trainable part, and the frozen part in its own record (fine-tuning recipes)."""
+    state = msg.content[P.ARRAYS].to_torch_state_dict()
+    if P.FROZEN in msg.content.array_records:
+        state.update(msg.content[P.FROZEN].to_torch_state_dict())
+    return state
 
 
 def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[RunConfig, Site, nn.Module, torch.device]:
@@ -58,7 +77,7 @@ def _setup(msg: Message, context: Context, *, own_norm: bool = True) -> tuple[Ru
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
     model = _architecture(cfg.model, cfg.privacy).cpu()
-    load_weights(model, msg.content[P.ARRAYS].to_torch_state_dict())
+    load_weights(model, _received(msg))
     if cfg.federation.local_norm and own_norm:  # FedBN: this site's own normalization layers over the global ones
         restore_local_norm(model, local_norm_path(cfg, site.name, context.node_config))
     return cfg, site, prepare(model, device, channels_last=cfg.train.channels_last), device
@@ -87,17 +106,6 @@ def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None =
     if evaluation is not None:  # federation.evaluate-with-train: the received model's evaluation rides along
         content[P.EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
-
-
-@contextlib.contextmanager
-def _strict(cfg: RunConfig, site: Site) -> Iterator[None]:
-    """With data.strict=true an unreadable image fails the message, marked so the server fails the run."""
-    try:
-        yield
-    except BadImageError as err:
-        if cfg.data.strict:
-            raise BadImageError(f"site {site.name}: {err} {P.STRICT_FAILURE}") from err
-        raise
 
 
 @app.train(mods=[_central_clipping])
@@ -140,7 +148,11 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site, model: nn
         extra, records = {}, {P.SCAFFOLD_DELTA: ArrayRecord(delta)}
     else:
         mu = float(config.get(P.PROXIMAL_MU, 0.0))  # sent by Flower's FedProx
-        result, extra = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu), {}
+        if cfg.model.trainable != "all":  # the fine-tuning recipe (frozen prefix, cached features)
+            result = train_finetune(model, data, cfg, device, seed=seed, site=site.name, proximal_mu=mu)
+        else:
+            result = train_local(model, data, cfg.train, device, seed=seed, proximal_mu=mu)
+        extra = {}
     timing.stamp(timing.COMPUTED)
     metrics = {P.TRAIN_LOSS: result.loss, P.NUM_EXAMPLES: result.num_examples, P.TRAIN_SECONDS: result.seconds,
                P.SKIPPED: result.skipped, **extra}
@@ -148,9 +160,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site, model: nn
     state = {k: (v.detach().to(wire) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
     if cfg.federation.local_norm:  # kept at the site; sent back as received, so never averaged
-        state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state,
-                                msg.content[P.ARRAYS].to_torch_state_dict())
-    return _reply(msg, site, metrics, ArrayRecord(state), records=records, evaluation=evaluation)
+        state = keep_local_norm(model, local_norm_path(cfg, site.name, context.node_config), state, _received(msg))
+    sent = update_keys(model, cfg.model.trainable)  # the frozen part is never sent back
+    return _reply(msg, site, metrics, ArrayRecord({k: state[k] for k in sent}), records=records, evaluation=evaluation)
 
 
 @app.evaluate()
@@ -165,13 +177,13 @@ def _evaluation(msg: Message, context: Context) -> tuple[Site, dict]:
     """The evaluation of the message's model on this site's test split (evaluate_site's and evaluate-with-train's).
 
     With FedBN the same weights are also scored under this site's own norm layers (none yet: the global).
+    Fine-tuning recipes evaluate through their cached frozen-prefix features when they have them.
     """
     cfg, site, model, device = _setup(msg, context, own_norm=False)
     with _strict(cfg, site):
         data = load_site(cfg, site.index, "test")
         timing.stamp(timing.READY)
-        run = functools.partial(evaluate, data=data, device=device, amp=cfg.train.amp,
-                                num_workers=cfg.train.num_workers, channels_last=cfg.train.channels_last)
+        run = functools.partial(evaluate_split, data=data, cfg=cfg, device=device, site=site.name)
         result = run(model)
         metrics = P.encode_eval(result)
         if cfg.federation.local_norm:

@@ -1,4 +1,4 @@
-"""Registries of the hybrid's timm backbones and of the paper's baseline architectures (names only, no timm import)."""
+"""Registries of the hybrid's timm backbones, its trainable parts and the paper's baseline architectures (names only, no timm import)."""
 
 from __future__ import annotations
 
@@ -43,4 +43,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "densenet121": ArchitectureSpec("timm", "densenet121", 32, "paper baseline"),
     "mobilenetv3": ArchitectureSpec("timm", "mobilenetv3_large_100", 32, "paper baseline"),
     "efficientnet_b0": ArchitectureSpec("timm", "efficientnet_b0", 32, "paper baseline"),
+}
+
+
+# model.trainable: which part of the hybrid trains at the sites (the rest is frozen: eval mode, requires_grad=False).
+# Implemented by common/trainable.py; "all" is the from-scratch recipe, the others fine-tune pretrained weights.
+TRAINABLE_PARTS: dict[str, str] = {
+    "all": "every weight (training from scratch; under DP every BatchNorm becomes GroupNorm)",
+    "classifier": "the final linear layer only (a linear probe on the frozen hybrid's attention-pooled features)",
+    "head": "everything after the backbone: token projections, token LayerNorm, GRU, attention, classifier",
+    "head+norm": "the head plus the affine weights of every backbone BatchNorm (statistics frozen)",
+    "last-stage": "the head plus the backbone's deepest stage (statistics frozen)",
 }

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.backbones import ARCHITECTURES, BACKBONES
+from common.backbones import ARCHITECTURES, BACKBONES, TRAINABLE_PARTS
 from common.datasets.names import DATASET_NAMES
 from common.errors import ConfigError
 from common.privacy.modes import PRIVACY_MODES, PrivacyMode
@@ -15,6 +15,7 @@ from common.privacy.modes import PRIVACY_MODES, PrivacyMode
 FlatValue = bool | int | float | str
 PrivacyModeName = Literal[tuple(PRIVACY_MODES)]  # type: ignore[valid-type]  # the mode table's names
 RENAMED = {"privacy.local-norm": "federation.local-norm"}  # old key → new key: refused with the new name
+PUBLIC_PRETRAINED = "public"  # model.pretrained-path: the embedded public-corpus pretraining (flower-sim resolves it)
 
 
 def _kebab(name: str) -> str:
@@ -49,6 +50,18 @@ class ModelConfig(_Section):
     image_size: int = Field(64, ge=32, le=1024, description="square input size in pixels")
     pretrained: bool = Field(False, description="load backbone weights from pretrained-path")
     pretrained_path: str = Field("", description="LOCAL .safetensors/.pth file; never downloaded")
+    trainable: str = Field("all", description="what trains at the sites: all, classifier, head, head+norm, last-stage (see TRAINABLE_PARTS)")
+
+    @field_validator("trainable")
+    @classmethod
+    def _known_trainable(cls, value: str) -> str:
+        return _registered(value, TRAINABLE_PARTS, "trainable part")
+
+    @model_validator(mode="after")
+    def _parts_need_the_hybrid(self) -> ModelConfig:
+        if self.trainable != "all" and self.architecture != "hybrid":
+            raise ValueError(f"model.trainable={self.trainable} names parts of the hybrid; baselines train 'all'")
+        return self
 
     @field_validator("backbone")
     @classmethod
@@ -161,6 +174,9 @@ class TrainConfig(_Section):
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave as is)")
     num_workers: int = Field(-1, ge=-1, description="DataLoader worker processes (-1 = auto, 0 = in process)")
     seed: int = Field(0, ge=0, description="training seed")
+    augment_multiplicity: int = Field(1, ge=1, le=8, description="fine-tuning (model.trainable != all): flip/rotation views per image per step, gradient averaged over them (De et al. 2022)")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="fine-tuning: exponential moving average of the trainable weights within a round, sent instead of the last iterate (0 = off)")
+    feature_cache: Literal["auto", "off"] = Field("auto", description="fine-tuning: cache the frozen prefix's features of the 8 flips/rotations per site (auto: when no pixel augmentation is on)")
 
 
 class FederationConfig(_Section):
@@ -239,6 +255,7 @@ class PrivacyConfig(_Section):
     clipping_norm: float = Field(1.0, gt=0.0, description="central: L2 clipping norm of each site's update (initial norm when adaptive)")
     target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0, description="central adaptive: share of updates to clip")
     clip_norm_lr: float = Field(0.2, gt=0.0, description="central adaptive: clipping-norm learning rate")
+    physical_batch_size: int = Field(0, ge=0, description="local: largest batch held in memory (Opacus BatchMemoryManager); train.batch-size stays the logical batch (0 = no limit)")
 
     @property
     def spec(self) -> PrivacyMode:
@@ -259,6 +276,17 @@ class PrivacyConfig(_Section):
         return sigma
 
 
+class PretrainConfig(_Section):
+    """Public-data pretraining on the coordinator, before any hospital trains (`flower-server pretrain`)."""
+
+    corpus_size: int = Field(3000, gt=0, description="patches of the embedded public tissue-type corpus")
+    epochs: int = Field(4, gt=0, description="pretraining epochs")
+    batch_size: int = Field(64, gt=1, description="pretraining batch size")
+    lr: float = Field(2e-3, gt=0.0, description="pretraining AdamW learning rate")
+    seed: int = Field(0, ge=0, description="corpus and initialisation seed (public labs and patients, disjoint from every site)")
+    stain_augment: float = Field(0.1, ge=0.0, le=1.0, description="HED jitter σ while pretraining (stain-robust features; 0 = off)")
+
+
 class RunConfig(_Section):
     """The whole run: read once at each entry point."""
 
@@ -268,6 +296,7 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> RunConfig:

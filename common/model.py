@@ -54,6 +54,8 @@ class HybridEffNetGRU(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.scale_channels = list(feature_channels)
+        self.frozen_eval: tuple[str, ...] = ()  # submodules kept in eval mode by train() (frozen parts)
         self.backbone = backbone
         self.proj = nn.ModuleList(nn.Conv2d(c, token_dim, kernel_size=1) for c in feature_channels)
         width = token_dim * len(feature_channels)
@@ -64,19 +66,47 @@ class HybridEffNetGRU(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(out_dim, num_classes)
 
+    def train(self, mode: bool = True) -> HybridEffNetGRU:
+        """Train mode, except the frozen parts (`frozen_eval`, set by common.trainable): they stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen_eval if mode else ():
+            self.get_submodule(name).eval()
+        return self
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x H x W → the backbone's S scales pooled to the deepest grid, B x (sum of C_s) x h x w."""
+        return self.pool_scales(self.backbone(x))
+
+    @staticmethod
+    def pool_scales(feats: list[torch.Tensor]) -> torch.Tensor:
+        """S feature maps B x C_s x H_s x W_s → one B x (sum of C_s) x h x w tensor on the deepest grid."""
+        grid = (int(feats[-1].shape[-2]), int(feats[-1].shape[-1]))  # python ints: ONNX export needs constant sizes
+        return torch.cat([F.adaptive_avg_pool2d(f, grid) for f in feats], dim=1)
+
+    def tokens_from(self, pooled: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pooled scales B x (sum C_s) x h x w → tokens B x T x (S*token_dim) and the token grid (h, w)."""
+        parts = torch.split(pooled, self.scale_channels, dim=1)
+        scales = [proj(part) for part, proj in zip(parts, self.proj)]
+        tokens = torch.cat(scales, dim=1).flatten(2).transpose(1, 2)  # B x T x (S*D)
+        return self.token_norm(tokens), (int(pooled.shape[-2]), int(pooled.shape[-1]))
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images B x 3 x H x W → tokens B x T x (S*token_dim) and the token grid (h, w)."""
-        feats = self.backbone(x)  # S tensors B x C_s x H_s x W_s
-        grid = (int(feats[-1].shape[-2]), int(feats[-1].shape[-1]))  # python ints: ONNX export needs constant sizes
-        scales = [proj(F.adaptive_avg_pool2d(f, grid)) for f, proj in zip(feats, self.proj)]
-        tokens = torch.cat(scales, dim=1).flatten(2).transpose(1, 2)  # B x T x (S*D)
-        return self.token_norm(tokens), grid
+        return self.tokens_from(self.scales(x))
+
+    def pool_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens B x T x W → GRU → attention-pooled B x H' and the B x T attention weights."""
+        seq, _ = self.gru(tokens)  # B x T x H'
+        return self.attention(seq)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Attention-pooled B x H' → logits B x K."""
+        return self.classifier(self.dropout(pooled))
 
     def forward_head(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens B x T x W → logits B x K and attention B x T."""
-        seq, _ = self.gru(tokens)  # B x T x H'
-        pooled, weights = self.attention(seq)  # B x H', B x T
-        return self.classifier(self.dropout(pooled)), weights
+        pooled, weights = self.pool_tokens(tokens)
+        return self.classify(pooled), weights
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -90,22 +120,22 @@ class HybridEffNetGRU(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
-    """Build the configured classifier (the hybrid or a baseline); pretrained weights only from a LOCAL file."""
+    """Build the configured classifier (the hybrid or a baseline); pretrained weights only from a LOCAL file.
+
+    The hybrid then gets its trainable part (`model.trainable`, common.trainable): frozen weights
+    requires_grad=False and kept in eval mode. Clients build with load_pretrained=False: the server sends weights.
+    """
     if cfg.architecture != "hybrid":
         from common.paper_baselines import build_baseline  # torchvision is imported only for a baseline
 
         return build_baseline(cfg)
+    from common.trainable import apply_trainable
+
     spec = BACKBONES[cfg.backbone]
     backbone = timm.create_model(
         spec.timm_name, pretrained=False, features_only=True, out_indices=spec.out_indices
     )
-    if load_pretrained and (cfg.pretrained or cfg.pretrained_path):
-        _load_backbone_weights(backbone, Path(cfg.pretrained_path))
-    if cfg.norm == "group":
-        from common.norms import to_group_norm
-
-        to_group_norm(backbone)
-    return HybridEffNetGRU(
+    model = HybridEffNetGRU(
         backbone,
         list(backbone.feature_info.channels()),
         num_classes=cfg.num_classes,
@@ -114,6 +144,13 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         bidirectional=cfg.bidirectional,
         dropout=cfg.dropout,
     )
+    if load_pretrained and (cfg.pretrained or cfg.pretrained_path):
+        load_pretrained_weights(model, Path(cfg.pretrained_path), timm_name=spec.timm_name)
+    if cfg.norm == "group":
+        from common.norms import to_group_norm
+
+        to_group_norm(model.backbone)
+    return apply_trainable(model, cfg.trainable)
 
 
 def build_model_for(model_cfg: ModelConfig, privacy_cfg: PrivacyConfig, *, load_pretrained: bool = True) -> nn.Module:
@@ -125,20 +162,39 @@ def build_model_for(model_cfg: ModelConfig, privacy_cfg: PrivacyConfig, *, load_
 
     check_dp_architecture(model_cfg)
     model = build_model(model_cfg, load_pretrained=load_pretrained)
-    return make_dp_compatible(model, fast_depthwise=privacy_cfg.fast_depthwise, what=f"backbone '{model_cfg.backbone}'")
+    return make_dp_compatible(model, fast_depthwise=privacy_cfg.fast_depthwise, what=f"backbone '{model_cfg.backbone}'",
+                              trainable=model_cfg.trainable)
 
 
-def _load_backbone_weights(backbone: nn.Module, path: Path) -> None:
-    """Load a timm checkpoint (safetensors or weights-only torch file) into the feature backbone."""
+def load_pretrained_weights(model: HybridEffNetGRU, path: Path, *, timm_name: str) -> None:
+    """Load a local weights file: the hybrid's own keys (`backbone.*`, GRU, attention, ...; the classifier optional,
+    e.g. from `flower-server pretrain`) or a timm checkpoint of the backbone (ImageNet/histopathology, `conv_stem.*`).
+
+    A file that does not fit is a ConfigError naming the file and the first missing or unexpected key.
+    """
     state = read_state_dict(path)
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in state]
+    if any(k.startswith("backbone.") for k in state):
+        own = model.state_dict()
+        need = [k for k in own if not k.startswith("classifier.")]
+        optional = [k for k in own if k.startswith("classifier.")]
+        target: nn.Module = model
+        extra = [k for k in state if k not in own]
+        what = "the hybrid"
+    else:
+        own = model.backbone.state_dict()
+        need, optional, target, what = list(own), [], model.backbone, "backbone"
+        extra = [k for k in state if k not in own]
+        if extra:  # a whole timm classifier checkpoint carries its head too (conv_head, bn2, classifier): allowed
+            full = timm.create_model(timm_name, pretrained=False).state_dict()
+            extra = [k for k in extra if k not in full]
+    missing = [k for k in need if k not in state]
     if missing:
-        raise ConfigError(
-            f"pretrained file {path} does not fit backbone: {len(missing)} missing keys "
-            f"(first: '{missing[0]}')"
-        )
-    bad = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+        raise ConfigError(f"pretrained file {path} does not fit {what}: {len(missing)} missing keys (first: '{missing[0]}')")
+    if extra:
+        raise ConfigError(f"pretrained file {path} does not fit {what}: {len(extra)} unexpected keys (first: '{extra[0]}')")
+    use = need + [k for k in optional if k in state]
+    bad = [k for k in use if tuple(state[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise ConfigError(f"pretrained file {path}: shape mismatch for '{bad[0]}'")
-    backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+        raise ConfigError(f"pretrained file {path}: shape mismatch for '{bad[0]}' (file {tuple(state[bad[0]].shape)}, "
+                          f"model {tuple(own[bad[0]].shape)})")
+    target.load_state_dict({**own, **{k: state[k].to(own[k].dtype) for k in use}}, strict=True)

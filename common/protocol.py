@@ -15,6 +15,7 @@ SCAFFOLD_C = "scaffold-c"  # train message: the server control variate c (ArrayR
 SCAFFOLD_DELTA = "scaffold-delta-c"  # train reply: the site's dc_i (ArrayRecord)
 TIMING = "timing"  # ConfigRecord of wall-clock stamps of the message's way through the site (client.timing)
 EVALUATION = "evaluation"  # MetricRecord in a train reply: the evaluation of the model the site received
+FROZEN = "frozen"  # fine-tuning recipes: the frozen part of the global model, sent to sites, never sent back or averaged
 
 # Metric / config keys
 NUM_EXAMPLES = "num-examples"

@@ -180,18 +180,25 @@ def evaluate(
         total += F.cross_entropy(logits, labels.to(device, non_blocking=True), reduction="sum")
         outputs.append(logits.cpu())  # the score summary needs logits: softmax saturates at 0/1
         ys.append(labels)
-    logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, num_classes))
+    read = torch.cat(kept).numpy() if kept else np.zeros(0, dtype=np.int64)  # images that were readable
+    patients = data.patients[read] if data.patients is not None else None
+    return eval_result(outputs, ys, float(total), skipped, num_classes, patients=patients)
+
+
+def eval_result(logits: list[torch.Tensor], ys: list[torch.Tensor], loss_sum: float, skipped: int, num_classes: int,
+                *, patients: np.ndarray | None = None) -> EvalResult:
+    """An EvalResult from per-batch logits and labels (and the summed loss); `patients`: each item's patient id."""
+    out = torch.cat(logits).numpy() if logits else np.zeros((0, num_classes))
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     by_patient = {}
-    if data.patients is not None:
-        read = torch.cat(kept).numpy() if kept else np.zeros(0, dtype=np.int64)  # images that were readable
-        count, score_sum, hist = patient_summary(data.patients[read], logits.argmax(axis=1) == y)
+    if patients is not None:
+        count, score_sum, hist = patient_summary(patients, out.argmax(axis=1) == y)
         by_patient = {"patients": count, "patient_score_sum": score_sum, "patient_hist": hist}
     return EvalResult(
-        loss=float(total) / max(len(y), 1),
+        loss=loss_sum / max(len(y), 1),
         num_examples=len(y),
-        confusion=confusion_matrix(y, logits.argmax(axis=1), num_classes),
-        histograms=score_histograms(y, logits),
+        confusion=confusion_matrix(y, out.argmax(axis=1), num_classes),
+        histograms=score_histograms(y, out),
         skipped=skipped,
         **by_patient,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -45,6 +45,33 @@ def keys(
                   "(it signs server certificates); it is not in any site's folder", highlight=False)
     if len(kit.site_keys) == 1:
         err_console.print("[yellow]warning:[/yellow] one site: a federation needs at least two hospitals", highlight=False)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="weights file to write (.safetensors); give it to model.pretrained-path")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value: model.*, pretrain.*, train.device (repeatable)")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+) -> None:
+    """Pretrain the hybrid (all but its classifier) on the embedded PUBLIC tissue-type corpus: the coordinator's step, before any hospital trains."""
+    from common.config import RunConfig, parse_assignments
+    from common.errors import ConfigError
+
+    try:
+        cfg = RunConfig().override(parse_assignments(set_ or []))
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"--out must name a .safetensors file (got {out})")
+        if out.exists() and not force:
+            raise ConfigError(f"--out {out} exists (pass --force to overwrite)")
+        if cfg.model.architecture != "hybrid":
+            raise ConfigError(f"pretraining is for the hybrid (got model.architecture={cfg.model.architecture})")
+    except ConfigError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    from common.pretrain import pretrain as run_pretraining
+
+    result = run_pretraining(cfg, out, log=lambda line: console.print(f"[server] {line}", highlight=False))
+    console.print(f"use it with --set model.pretrained-path={result.path} (e.g. model.trainable=head)", highlight=False)
 
 
 @app.command()

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.config import RunConfig
+from common.config import PUBLIC_PRETRAINED, RunConfig
 from common.errors import ConfigError
 from common.rundir import RunDirectory
 from server.launch import (
@@ -81,6 +81,9 @@ def load_federation(path: Path) -> Federation:
 def check_ready(fed: Federation, *, insecure: bool) -> None:
     """Files exist, the port is free: otherwise a one-line error naming the culprit, before anything starts."""
     s = fed.server
+    if fed.run.model.pretrained_path == PUBLIC_PRETRAINED:  # flower-sim pretrains on its own; a coordinator does it first
+        raise ConfigError("model.pretrained-path = 'public': run `flower-server pretrain --out FILE` once and set "
+                          "model.pretrained-path to that file")
     needed = {"site-keys": s.site_keys} if insecure else {
         "ca-cert": [s.ca_cert], "server-cert": [s.server_cert], "server-key": [s.server_key], "site-keys": s.site_keys,
     }

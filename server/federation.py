@@ -29,6 +29,7 @@ from common.model import build_model_for
 from common.privacy.monitor import DECLINED, PrivacyBudgetStop, PrivacyMonitor
 from common.privacy.preflight import preflight
 from common.rundir import RunDirectory
+from common.trainable import update_keys
 from server.exchange import Exchange, evaluation_views, send_and_receive
 from server.rounds import RoundRecorder, site_name
 from server.sites import SiteRegistry
@@ -51,18 +52,27 @@ class FederationRun:
         self.keyed = build_strategy(cfg.federation, train_metrics=self.recorder.aggregate_train,
                                     evaluate_metrics=self.recorder.aggregate_evaluate, sites=self.sites)
         torch.manual_seed(cfg.train.seed)  # the initial weights follow the run's seed
-        initial = ArrayRecord(build_model_for(cfg.model, cfg.privacy).state_dict())  # DP-compatible when privacy is on
+        model = build_model_for(cfg.model, cfg.privacy)  # DP-compatible when privacy is on
+        state = model.state_dict()
         self.completed = 0  # rounds completed before this process (a resume continues after them)
         if cfg.output.resume:  # continue from the last checkpoint, in the model's own key order
-            self.completed, state = run.load_checkpoint()
-            initial = ArrayRecord({key: state[key] for key in initial.keys()})
+            self.completed, saved = run.load_checkpoint()
+            state = {key: saved[key] for key in state}
+        # Only the trainable part travels back and is aggregated (and, under central DP, clipped and noised); the
+        # frozen part (fine-tuning recipes) goes to the sites with every message and stays bit-identical.
+        keys = set(update_keys(model, cfg.model.trainable))
+        self.order = list(state)
+        initial = ArrayRecord({k: v for k, v in state.items() if k in keys})
+        self.frozen = ArrayRecord({k: v for k, v in state.items() if k not in keys})
+        if cfg.output.resume:
             restore_strategy_state(self.keyed, run.load_strategy_state())
             if self.monitor is not None:  # central DP: the ε already spent is counted again from the report
                 self.monitor.restore(run.read_privacy())
             log(INFO, "histofed: resuming after round %d of %d", self.completed, cfg.federation.rounds)
         self.keyed.set_reference(initial)
         self.strategy = wrap_central_dp(self.keyed, central, cfg.privacy) if central is not None else self.keyed
-        self.arrays = initial  # the released global model (after any central-DP noise)
+        self.arrays = initial  # the released global model's trainable part (after any central-DP noise)
+        self.frozen_wire = self.keyed.wire_arrays(self.frozen) if len(self.frozen) else None
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -79,6 +89,10 @@ class FederationRun:
         """Why the federation stopped early ('' when it ran every round)."""
         return self.monitor.stopped if self.monitor is not None else ""
 
+    def global_model(self) -> ArrayRecord:
+        """The whole global model in the model's key order: the trained part and the frozen part."""
+        return ArrayRecord({k: (self.arrays[k] if k in self.arrays else self.frozen[k]) for k in self.order})
+
     def execute(self) -> ArrayRecord:
         """Round 0 (the initial model, on a fresh run), then every remaining round; returns the global model.
 
@@ -89,7 +103,7 @@ class FederationRun:
         try:
             if self.cfg.federation.evaluate_with_train:
                 self._execute_evaluating_with_train()
-                return self.arrays
+                return self.global_model()
             if not self.cfg.output.resume:
                 self._evaluate(0)
                 self._end_round(0)
@@ -100,7 +114,7 @@ class FederationRun:
         except PrivacyBudgetStop as stop:  # privacy.on-budget-exhausted=stop, or no site can train any more
             log(WARNING, "histofed: federation stopped early: %s", stop)
             self.run.write_privacy(self.monitor.report())
-        return self.arrays
+        return self.global_model()
 
     def _execute_evaluating_with_train(self) -> None:
         unevaluated = None if self.cfg.output.resume else 0  # a resumed run's checkpoint has its line already
@@ -112,6 +126,10 @@ class FederationRun:
             self._end_round(unevaluated)
 
     def _send(self, messages: Any, server_round: int, phase: str) -> Exchange:
+        messages = list(messages)
+        if self.frozen_wire is not None:  # the frozen part rides along (Flower's messages may share one RecordDict)
+            for msg in messages:
+                msg.content[P.FROZEN] = self.frozen_wire
         self.run.write_status("running", round=server_round, phase=phase, **{"phase-since": time.time()})
         exchange = send_and_receive(self.grid, messages, timeout=self.cfg.federation.round_timeout_s)
         self.run.log_timing(exchange.timing(server_round, phase))
@@ -143,7 +161,7 @@ class FederationRun:
 
     def _end_round(self, server_round: int) -> None:
         if server_round > 0:  # a completed round: checkpoint (with its model card) before anything can fail
-            state = self.arrays.to_torch_state_dict()
+            state = self.global_model().to_torch_state_dict()
             self.run.save_checkpoint(server_round, state, card_metadata(self.card(server_round), state))
         extra = {"privacy": self.monitor.end_round(server_round)} if self.monitor is not None else {}
         record = self.recorder.end_round(server_round, extra)

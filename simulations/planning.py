@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.config import RunConfig, parse_assignments
+from common.config import PUBLIC_PRETRAINED, RunConfig, parse_assignments
 from common.datasets.registry import get_dataset
 from common.errors import ConfigError
 from common.privacy.preflight import preflight
@@ -57,10 +57,29 @@ def resolve_config(opt: RunOptions) -> RunConfig:
     threads = opt.cpus_per_site or max(1, cores // num_sites)  # by default all sites train at once
     if "train.num-threads" not in user:
         cfg = cfg.override({"train.num-threads": threads})
+    cfg = _public_pretraining(cfg)
     cfg = _absolute_paths(cfg)
     _privacy_preflight(cfg, entry.synthetic)
     tracking_preflight(cfg)  # MLflow asked for but not installed: exit 2 with how to install it
+    _model_preflight(cfg)
     return cfg
+
+
+def _public_pretraining(cfg: RunConfig) -> RunConfig:
+    """model.pretrained-path=public: the embedded public-corpus pretraining, run once per machine and setting (cached)."""
+    if cfg.model.pretrained_path != PUBLIC_PRETRAINED:
+        return cfg
+    from common.pretrain import ensure_public_pretrained  # the coordinator's step, before any site trains
+
+    return cfg.override({"model.pretrained-path": str(ensure_public_pretrained(cfg))})
+
+
+def _model_preflight(cfg: RunConfig) -> None:
+    """A pretrained file that does not fit, or a trainable part the model cannot have, is refused before Flower starts."""
+    if cfg.model.pretrained_path or cfg.model.trainable != "all":
+        from common.model import build_model_for
+
+        build_model_for(cfg.model, cfg.privacy)  # raises ConfigError naming the file and key, or the part
 
 
 def _privacy_preflight(cfg: RunConfig, synthetic: bool) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from common.config import RunConfig
 from common.metrics import METRIC_NAMES
 from common.model import build_model
-from common.weights import load_weights, save_state_dict
+from common.weights import load_weights
 
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
 pytestmark = pytest.mark.slow
@@ -69,12 +69,11 @@ def test_two_sites_one_round_writes_the_run_directory(tmp_path: Path) -> None:
 
 
 def test_failed_run_exits_non_zero_with_the_cause(tmp_path: Path) -> None:
-    # A weights file for another backbone: accepted by the CLI (it exists), refused by the ServerApp.
-    wrong = tmp_path / "other-backbone.safetensors"
-    save_state_dict(build_model(RunConfig().model).backbone.state_dict(), wrong)
-    result = _sim(tmp_path, "--set", f"model.pretrained-path={wrong}")
+    # An update bound no update can meet: accepted by the CLI, every update refused by the ServerApp.
+    # (A weights file that does not fit is refused before Flower starts: tests/test_pretrain.py.)
+    result = _sim(tmp_path, "--set", "federation.max-update-norm=1e-12")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "pretrained file" in result.stderr and "conv_stem.weight" in result.stderr
+    assert "valid model update" in result.stderr and "min-train-sites" in result.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
     assert not _leftovers(tmp_path / "run")
 

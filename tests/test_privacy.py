@@ -16,7 +16,9 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.datasets.registry import get_dataset
 from common.datasets.splits import ArraySplit
+from common.finetune import collate_counted
 from common.model import build_model_for
+from common.training import to_input
 from common.privacy import trainer as trainer_module
 from common.privacy.accounting import epsilon, plan_local
 from common.privacy.dp_model import make_dp_compatible
@@ -71,7 +73,7 @@ def test_recreated_engines_with_restored_history_match_one_long_lived_engine(dp_
     model = build_model_for(cfg.model, cfg.privacy)
     for _ in range(3):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        loader = DataLoader(data, batch_size=cfg.train.batch_size, collate_fn=trainer_module._collate)
+        loader = DataLoader(data, batch_size=cfg.train.batch_size, collate_fn=collate_counted)
         hooks, dp_opt, dp_loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                        noise_multiplier=plan.noise_multiplier, max_grad_norm=1.0,
                                                        wrap_model=False)
@@ -81,7 +83,7 @@ def test_recreated_engines_with_restored_history_match_one_long_lived_engine(dp_
             if labels.numel() == 0:
                 trainer_module._noise_only_step(dp_opt)
                 continue
-            torch.nn.functional.cross_entropy(model(trainer_module.to_input(images, CPU)), labels).backward()
+            torch.nn.functional.cross_entropy(model(to_input(images, CPU)), labels).backward()
             dp_opt.step()
         hooks.cleanup()
     # Execute: a new engine every round, history restored from the ledger on disk

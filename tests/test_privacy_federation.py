@@ -217,7 +217,8 @@ def test_dp_benchmark_prints_its_figures_at_the_tiny_size(capsys) -> None:
     result = bench_dp.main(["--tiny", "--no-accuracy"])
     out = capsys.readouterr().out
     assert "DP-SGD/normal img/s, fast grouped-conv sampler" in out and result["throughput"]["dp-fast/normal"] > 0
-    assert set(result["throughput"]["img-s"]) == {"normal", "gn-no-dp", "dp-fast", "dp-stock"}
+    assert set(result["throughput"]["img-s"]) == {"normal", "gn-no-dp", "dp-fast", "dp-stock", "recipe", "recipe-dp",
+                                                  "recipe-cached", "recipe-cached-dp"}  # the fine-tuning recipe too
 
 
 def _two_site_simulation(tmp_path: Path, rounds: int, *sets: str) -> tuple[Path, subprocess.CompletedProcess]:

@@ -7,6 +7,10 @@ the same numbers; it also hands its result to Opacus without the zero-filled buf
 for every layer (a 16 x 1152 x 192 per-sample gradient is 14 MB). It is registered through Opacus's
 grad-sampler registry (hooks mode) for two subclasses (`FastConv2d`, `FastConv2dSame`) that the DP model
 builder swaps in; any other module, a plain `nn.Conv2d` included, keeps Opacus's own sampler.
+It also registers the per-sample gradients of `ChannelAffine`, the folded BatchNorm of fine-tuning recipes, and
+of `FastGRU`, an nn.GRU (same fused forward, same state_dict keys) whose per-sample gradients come from one
+batched backward-through-time: Opacus's DPGRU unrolls the GRU into per-step Linear layers in Python and
+accumulates a per-sample gradient at every step, and lists each weight under two keys.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_samp
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
+
+from common.trainable import ChannelAffine
 
 
 class FastConv2d(nn.Conv2d):
@@ -98,6 +104,82 @@ def _pointwise(layer: nn.Conv2d) -> bool:
             and not any(layer._reversed_padding_repeated_twice))
 
 
+def channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a folded BatchNorm (y = x·w[c] + b[c]): N x C each (Opacus grad-sampler signature)."""
+    x = activations[0].to(backprops.dtype)
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x * backprops).flatten(2).sum(-1)
+    if layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(-1)
+    return out
+
+
+class FastGRU(nn.GRU):
+    """nn.GRU (one layer, batch_first, never packed); per-sample gradients by a batched backward-through-time."""
+
+
+def _gru_direction(layer: nn.GRU, x: torch.Tensor, g: torch.Tensor, sfx: str) -> dict[nn.Parameter, torch.Tensor]:
+    """One direction: recompute r, z, n (PyTorch's gate order) over the batch, then backpropagate g through time."""
+    hidden = layer.hidden_size
+    w_ih, w_hh = getattr(layer, f"weight_ih_l0{sfx}"), getattr(layer, f"weight_hh_l0{sfx}")
+    b_ih, b_hh = getattr(layer, f"bias_ih_l0{sfx}"), getattr(layer, f"bias_hh_l0{sfx}")
+    n_batch, steps = x.shape[0], x.shape[1]
+    gi = x @ w_ih.t() + b_ih  # B x T x 3H
+    h = x.new_zeros(n_batch, hidden)
+    cache = []
+    for t in range(steps):
+        gh = h @ w_hh.t() + b_hh
+        r = torch.sigmoid(gi[:, t, :hidden] + gh[:, :hidden])
+        z = torch.sigmoid(gi[:, t, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
+        n = torch.tanh(gi[:, t, 2 * hidden:] + r * gh[:, 2 * hidden:])
+        cache.append((h, r, z, n, gh[:, 2 * hidden:]))
+        h = (1 - z) * n + z * h
+    d_gi, d_gh = x.new_empty(n_batch, steps, 3 * hidden), x.new_empty(n_batch, steps, 3 * hidden)
+    h_prev = x.new_empty(n_batch, steps, hidden)
+    carry = x.new_zeros(n_batch, hidden)
+    for t in range(steps - 1, -1, -1):
+        hp, r, z, n, gh_n = cache[t]
+        dh = g[:, t] + carry
+        dn = dh * (1 - z) * (1 - n * n)
+        dz = dh * (hp - n) * z * (1 - z)
+        dr = dn * gh_n * r * (1 - r)
+        d_gi[:, t] = torch.cat([dr, dz, dn], dim=1)
+        d_gh[:, t] = torch.cat([dr, dz, dn * r], dim=1)
+        h_prev[:, t] = hp
+        carry = dh * z + d_gh[:, t] @ w_hh
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    for param, value in ((w_ih, lambda: torch.einsum("btg,bti->bgi", d_gi, x)), (b_ih, lambda: d_gi.sum(1)),
+                         (w_hh, lambda: torch.einsum("btg,bth->bgh", d_gh, h_prev)), (b_hh, lambda: d_gh.sum(1))):
+        if param.requires_grad:
+            out[param] = value()
+    return out
+
+
+@torch.no_grad()
+def gru_grad_sample(layer: FastGRU, activations: list[torch.Tensor], backprops: torch.Tensor
+                    ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of every GRU weight, given its input B x T x In and the output gradient B x T x (D*H)."""
+    x = activations[0].to(backprops.dtype)
+    hidden = layer.hidden_size
+    out = _gru_direction(layer, x, backprops[..., :hidden], "")
+    if layer.bidirectional:  # the reverse direction reads the sequence backwards
+        out.update(_gru_direction(layer, x.flip(1), backprops[..., hidden:].flip(1), "_reverse"))
+    return out
+
+
+def use_fast_gru(module: nn.GRU) -> bool:
+    """Switch a single-layer batch_first nn.GRU to FastGRU in place (same weights and keys); False if it does not fit."""
+    if type(module) is not nn.GRU or module.num_layers != 1 or not module.batch_first:
+        return False
+    module.__class__ = FastGRU
+    return True
+
+
+GradSampleHooks.GRAD_SAMPLERS[ChannelAffine] = channel_affine_grad_sample
+GradSampleHooks.GRAD_SAMPLERS[FastGRU] = gru_grad_sample
 for _cls in FAST_CLASSES:  # hooks mode only (histofed's trainer); ghost clipping keeps Opacus's samplers
     GradSampleHooks.GRAD_SAMPLERS[_cls] = grouped_conv_grad_sample
 

@@ -8,17 +8,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
-from common.datasets.splits import SiteSplit, collate_skipping
+from common.datasets.splits import SiteSplit
+from common.finetune import site_batches, run_epochs, trainable_optimizer
 from common.privacy.accounting import History, LocalPlan, epsilon, extend, plan_local
 from common.privacy.ledger import PrivacyLedger
-from common.training import OPTIMIZERS, TrainResult, augment, loader_workers, to_input
+from common.trainable import make_split
+from common.training import TrainResult
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,6 @@ class PrivateTrainResult:
     rounds: int  # rounds in the site's ledger
     train: TrainResult | None = None
     declined: str = ""
-
-
-def _collate(batch: list[tuple[np.ndarray | None, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """collate_skipping with the skipped count as a tensor (Opacus builds empty Poisson batches from tensors only)."""
-    images, labels, skipped = collate_skipping(batch)
-    return images, labels, torch.tensor([skipped])
 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
@@ -68,10 +62,17 @@ def _secret_generator() -> torch.Generator:
 
 def dp_sgd(
     model: nn.Module, data: SiteSplit, cfg: RunConfig, device: torch.device, plan: LocalPlan, history: History,
-    *, seed: int,
+    *, seed: int, site: str = "site",
 ) -> tuple[TrainResult, History]:
-    """Train in place with Opacus (hooks on the unwrapped model, keys unchanged); returns the result and new history."""
+    """Train in place with Opacus (hooks on the unwrapped model, keys unchanged); returns the result and new history.
+
+    The fine-tuning loop (common.finetune) runs under Opacus: only the trainable tail is hooked, the frozen
+    prefix runs without autograd (or comes from the feature cache), each image's gradient is the mean over
+    its K views before clipping, and train.batch-size is the logical (Poisson) batch, split into physical
+    batches of privacy.physical-batch-size images by Opacus's BatchMemoryManager.
+    """
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     from common.privacy import grad_sampler  # noqa: F401 - registers the fast grouped-conv sampler
 
@@ -79,40 +80,37 @@ def dp_sgd(
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the stem's input needs no grad
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)  # restored: the new engine continues where the ledger stands
-    model.to(memory_format=torch.contiguous_format).train()  # NCHW: see dp_input
-    opt = OPTIMIZERS[cfg.train.optimizer](model.parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum)
-    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=_secret_generator(),
-                        num_workers=loader_workers(cfg.train.num_workers, data, cuda=device.type == "cuda"),
-                        collate_fn=_collate)
+    split = make_split(model, cfg.model.trainable, cfg.model.image_size)
+    if not (split.cacheable and cfg.privacy.fast_depthwise):  # hooked convs see NCHW (dp_input); a frozen prefix may not
+        model.to(memory_format=torch.contiguous_format)
+    model.train()
+    start = time.perf_counter()
+    batches = site_batches(model, split, data, cfg, device, site=site, aug=torch.Generator().manual_seed(seed),
+                           shuffle=_secret_generator(), private=True)
     hooks, dp_opt, dp_loader = engine.make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm, poisson_sampling=cfg.privacy.poisson_sampling,
-        noise_generator=_secret_generator(), wrap_model=False,
+        module=model, optimizer=trainable_optimizer(model, cfg), data_loader=batches.loader,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=cfg.privacy.poisson_sampling, noise_generator=_secret_generator(), wrap_model=False,
     )
     _empty_batch_template(dp_loader)
-    gen = torch.Generator().manual_seed(seed)  # augmentation only
-    total, seen, skipped, start = 0.0, 0, 0, time.perf_counter()
+    physical = cfg.privacy.physical_batch_size
     try:
-        for _ in range(cfg.train.local_epochs):
-            for batch in dp_loader:
-                images, labels = batch[0], batch[1]
-                skipped += int(batch[2].sum()) if len(batch) > 2 else 0
-                dp_opt.zero_grad(set_to_none=True)
-                if labels.numel() == 0:
-                    _noise_only_step(dp_opt)
-                    continue
-                x = dp_input(augment(to_input(images, device), gen))
-                y = labels.to(device, non_blocking=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                dp_opt.step()
-                total += float(loss.detach()) * labels.numel()
-                seen += labels.numel()
+        if physical and physical < cfg.train.batch_size:
+            with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=physical, optimizer=dp_opt) as small:
+                _empty_batch_template(small)
+                batches.loader = small
+                total, seen = run_epochs(model, split, batches, dp_opt, cfg, dp=True,
+                                         empty_step=lambda: _noise_only_step(dp_opt))
+        else:
+            batches.loader = dp_loader
+            total, seen = run_epochs(model, split, batches, dp_opt, cfg, dp=True,
+                                     empty_step=lambda: _noise_only_step(dp_opt))
     finally:
         dp_opt.zero_grad(set_to_none=True)
         hooks.cleanup()  # the model object is reused next round (and by evaluate) without hooks
+    skipped = batches.skipped if batches.cached else batches.skipped // cfg.train.local_epochs
     result = TrainResult(loss=total / seen if seen else 0.0, num_examples=len(data),
-                         seconds=time.perf_counter() - start, skipped=skipped // cfg.train.local_epochs)
+                         seconds=time.perf_counter() - start, skipped=skipped)
     return result, [tuple(h) for h in engine.accountant.history]  # type: ignore[misc]
 
 
@@ -141,7 +139,7 @@ def train_private(
                           "max-grad-norm": plan.max_grad_norm, "steps": plan.steps_per_round,
                           "delta": plan.delta, "accountant": plan.accountant, "epsilon": after})
     ledger.save()
-    result, history = dp_sgd(model, data, cfg, device, plan, before, seed=seed)
+    result, history = dp_sgd(model, data, cfg, device, plan, before, seed=seed, site=site)
     ledger.history = history
     spent = epsilon(history, delta=plan.delta, accountant=plan.accountant)
     steps = sum(n for _, _, n in history) - sum(n for _, _, n in before)

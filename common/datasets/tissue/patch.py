@@ -59,6 +59,12 @@ def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology
     the slide, as neighbouring images of one patient do); `rng` draws everything else (cells added,
     nuclei in the section plane, stain and scanner noise). Without `field`, rng draws both.
     """
+    return draw_patch(rng, size, subtype, bio, stain, scanner, field)[0]
+
+
+def draw_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, stain: optics.Stain,
+               scanner: optics.Scanner, field: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """render_patch's image and the compartment map it was drawn from (canvas pixels, canvas.py codes)."""
     n, factor = canvas_size(size)
     field = rng if field is None else field
     cv = Canvas(n, FIELD_UM / n, field)
@@ -74,4 +80,4 @@ def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology
         nuc = nuclei.level(nuclei.paint(cv, cv.seed_table(), crisp), darkness)
     nuc = nuclei.thin(nuc, knobs.nuclear, factor, rng)  # dark chromatin share: the patch's target, whatever its class
     h, e = optics.concentrations(cv, nuc, rng, fibre_angle=knobs.angle, fibre_contrast=float(rng.uniform(0.25, 0.5)))
-    return optics.to_rgb(h, e, stain, scanner, factor=factor, um_per_px=FIELD_UM / size, rng=rng)
+    return optics.to_rgb(h, e, stain, scanner, factor=factor, um_per_px=FIELD_UM / size, rng=rng), cv.comp
