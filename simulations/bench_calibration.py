@@ -29,7 +29,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"overrides": {**_TINY_MODEL, "federation.num-sites": 2, "data.patients-per-site": 8,
                            "data.train-per-site": 24, "data.test-per-site": 12},
              "epochs": 1, "baseline-epochs": 0},
-    "default": {"overrides": {"train.lr": 3e-4}, "epochs": 30, "baseline-epochs": 10},  # synthetic-3sites' data
+    "default": {"overrides": {}, "epochs": 24, "baseline-epochs": 10},  # synthetic-3sites' data and training settings
     "large": {"overrides": {"train.lr": 3e-4, "data.patients-per-site": 120, "data.train-per-site": 1200,
                             "data.test-per-site": 600}, "epochs": 20, "baseline-epochs": 6},
 }
