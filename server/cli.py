@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -34,8 +34,7 @@ def keys(
         kit = make_kit(out, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
                        sites=[s.strip() for s in sites.split(",") if s.strip()], days=days)
     except (ValueError, FileExistsError, OSError) as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(err, 2)
     console.print(f"CA certificate (every site gets a copy): {kit.ca_cert}", highlight=False)
     console.print(f"server certificate / key (server only): {kit.server_cert} / {kit.server_key}", highlight=False)
     for site, (private, public) in kit.site_keys.items():
@@ -66,8 +65,7 @@ def pretrain(
         if cfg.model.architecture != "hybrid":
             raise ConfigError(f"pretraining is for the hybrid (got model.architecture={cfg.model.architecture})")
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(err, 2)
     from common.pretrain import pretrain as run_pretraining
 
     result = run_pretraining(cfg, out, log=lambda line: console.print(f"[server] {line}", highlight=False))
@@ -106,11 +104,9 @@ def start(
                               "model updates travel in clear text and any machine can join[/bold yellow]")
         status = start_federation(fed, insecure=insecure, resume=resume, say=say)
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(err, 2)
     except FlowerRunError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(err, 1)
     except KeyboardInterrupt:
         if fed is not None:
             RunDirectory(Path(fed.server.run_dir)).mark_interrupted()
@@ -137,11 +133,9 @@ def status(
     try:
         report = federation_status(load_federation(config))
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(err, 2)
     except FlowerRunError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(err, 1)
     for line in status_lines(report):
         console.print(line, highlight=False)
 
@@ -169,3 +163,9 @@ def _write_report(run_dir: Path, say) -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+def _fail(err: Exception, code: int) -> NoReturn:
+    """One line naming the culprit on stderr, then exit with `code` (2: bad input, 1: the run failed)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
+    raise typer.Exit(code) from None
