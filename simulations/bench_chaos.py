@@ -15,7 +15,6 @@ arrived — that property of the aggregation is fuzzed in simulations/bench_fuzz
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -136,16 +135,16 @@ def chaos(args: argparse.Namespace, tmp: Path) -> dict:
 def _checks(run: Path, args: argparse.Namespace) -> dict:
     """End-of-run invariants: completed, every round once, checkpoint = last round, model loads, sites named."""
     from common.model import build_model
-    from common.weights import load_weights, read_state_dict
+    from common.weights import load_weights
 
-    history = RunDirectory(run).history()
-    status = RunDirectory(run).read_status()
+    folder = RunDirectory(run)
+    history, status = folder.history(), folder.read_status()
     rounds = [r["round"] for r in history]
-    checkpoint = json.loads((run / "checkpoint.json").read_text())["round"] if (run / "checkpoint.json").is_file() else None
+    checkpoint = folder.load_checkpoint()[0] if folder.has_checkpoint() else None
     loads = False
-    if (run / "model.safetensors").is_file():
-        cfg = RunConfig.from_flat(json.loads((run / "config.json").read_text())["config"])
-        load_weights(build_model(cfg.model, load_pretrained=False), read_state_dict(run / "model.safetensors"))
+    if folder.model_file.is_file():
+        cfg = RunConfig.from_flat(folder.read_config()[0])
+        load_weights(build_model(cfg.model, load_pretrained=False), folder.load_model())
         loads = True
     trained = {r["round"]: sorted(r.get("train", {})) for r in history if r["round"] > 0}
     return {

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from common.rundir import RunDirectory
+
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
 COLLAPSE_SHARE = 0.95  # issue 13: no round >= 1 may give one class to >= 95 % of the pooled test set
 SGD = {"train.optimizer": "sgd", "train.lr": 0.05}
@@ -72,7 +74,7 @@ def run_candidate(scenario: str, rounds: int, overrides: dict[str, Any], run_dir
                            "--no-report", *sets], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"flower-sim failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-400:]}")
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return RunDirectory(run_dir).history()
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
