@@ -24,8 +24,9 @@ def _sim(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_scaffold_resumed_run_ends_on_the_same_weights_and_control_variate(tmp_path: Path) -> None:
-    result = _sim(tmp_path, "--rounds", "2")
+def test_scaffold_resumed_run_ends_on_the_same_weights_and_control_variate(tmp_path: Path, ray_cluster) -> None:
+    join = ("--ray-address", ray_cluster[0])  # all three runs join one Ray cluster (suite time)
+    result = _sim(tmp_path, "--rounds", "2", *join)
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "run"
     state = load_file(str(run / "checkpoint-strategy.safetensors"))
@@ -38,9 +39,9 @@ def test_scaffold_resumed_run_ends_on_the_same_weights_and_control_variate(tmp_p
     # Stopped after round 1, then resumed to round 2: model, c, the federation id and each site's c_i carry over.
     part = tmp_path / "part"
     part.mkdir()
-    first = _sim(part, "--rounds", "1")
+    first = _sim(part, "--rounds", "1", *join)
     assert first.returncode == 0, first.stdout + first.stderr
-    resumed = _sim(part, "--rounds", "2", "--resume")
+    resumed = _sim(part, "--rounds", "2", "--resume", *join)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     lines = [json.loads(ln) for ln in (part / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["round"] for ln in lines] == [0, 1, 2]
