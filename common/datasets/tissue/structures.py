@@ -147,18 +147,24 @@ def pack(cv: Canvas, rng: np.random.Generator, radii_um: np.ndarray, gap_um: flo
     return [tuple(row) for row in placed]
 
 
+def _jittered_grid(cv: Canvas, rng: np.random.Generator, spacing_um: float,
+                   jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Points of a square grid of `spacing_um`, each moved by up to ±jitter of a step: (y, x) and their pixel indices."""
+    step = cv.px(spacing_um)
+    grid = np.arange(step / 2, cv.n, step)
+    gy, gx = np.meshgrid(grid, grid, indexing="ij")
+    gy = gy.ravel() + rng.uniform(-jitter, jitter, gy.size) * step
+    gx = gx.ravel() + rng.uniform(-jitter, jitter, gx.size) * step
+    return gy, gx, np.clip(gy.astype(int), 0, cv.n - 1), np.clip(gx.astype(int), 0, cv.n - 1)
+
+
 def fill_cells(cv: Canvas, rng: np.random.Generator, mask: np.ndarray, style: nu.Style, spacing_um: float, *,
                angle: float | None = None, keep: float = 1.0, code: int = EPI) -> None:
     """Fill a region with a jittered grid of cells (sheets, nests, cribriform bridges)."""
     if not mask.any():
         return
     cv.comp[mask] = code
-    step = cv.px(spacing_um)
-    grid = np.arange(step / 2, cv.n, step)
-    gy, gx = np.meshgrid(grid, grid, indexing="ij")
-    gy = gy.ravel() + rng.uniform(-0.4, 0.4, gy.size) * step
-    gx = gx.ravel() + rng.uniform(-0.4, 0.4, gx.size) * step
-    iy, ix = np.clip(gy.astype(int), 0, cv.n - 1), np.clip(gx.astype(int), 0, cv.n - 1)
+    gy, gx, iy, ix = _jittered_grid(cv, rng, spacing_um, 0.4)
     ok = mask[iy, ix] & (rng.random(gy.size) < keep)
     cv.add_seeds(gy[ok], gx[ok], nu.sample(style, rng, int(ok.sum()), angle))
 
@@ -262,12 +268,7 @@ def myxoid(cv: Canvas, mask: np.ndarray) -> None:
 def stroma_cells(cv: Canvas, rng: np.random.Generator, *, density: float, angle: float, lymphocytes: float,
                  style: nu.Style = nu.FIBROBLAST, spacing_um: float = 11.0) -> None:
     """Fibroblast nuclei along the fibres and scattered lymphocytes, wherever the canvas is still stroma."""
-    step = cv.px(spacing_um)
-    grid = np.arange(step / 2, cv.n, step)
-    gy, gx = np.meshgrid(grid, grid, indexing="ij")
-    gy = gy.ravel() + rng.uniform(-0.5, 0.5, gy.size) * step
-    gx = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size) * step
-    iy, ix = np.clip(gy.astype(int), 0, cv.n - 1), np.clip(gx.astype(int), 0, cv.n - 1)
+    gy, gx, iy, ix = _jittered_grid(cv, rng, spacing_um, 0.5)
     where = cv.where(STROMA, MYXOID, DENSE)[iy, ix]
     draw = rng.random(gy.size)
     fib = where & (draw < density)
