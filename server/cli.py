@@ -11,7 +11,7 @@ from rich.markup import escape
 
 app = typer.Typer(help="histofed coordinator commands.", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)  # paths stay whole, so they can be copied
 err_console = Console(stderr=True, soft_wrap=True)
 
 

@@ -81,3 +81,17 @@ def ray_cluster():
             proc.kill()
         psutil.wait_procs(leftovers, timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end runs go first, the deployment test (the longest) leading.
+
+    `--dist worksteal` hands the first half to one worker (the Flower runs, which mostly wait) and the rest,
+    the CPU-bound unit tests, to the other, which then steals from the first's tail: the two end together.
+    """
+    def cost(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.nodeid.startswith("tests/test_deploy.py") else 1
+
+    items.sort(key=cost)
