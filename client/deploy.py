@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,6 +19,11 @@ from common.ports import free_port
 from client.refusals import INSECURE_AGAINST_TLS, Refusal, failed_messages, recognise, speaks_tls
 
 REGISTRATION_WAIT_S = 2.0  # one retry after "not registered": the server may be registering site keys right now
+# Flower 1.42 keeps a node ONLINE for 2 x 30 s after its last heartbeat (HEARTBEAT_PATIENCE x the fixed
+# interval) and refuses to activate it again until then with the same code 2004 as for an unregistered key.
+SESSION_HELD_S = 65.0
+ALIVE_EVERY_S = 5.0  # how often a connected node records that it is alive (the session file)
+HELD_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,33 @@ def run_node(opt: NodeOptions, log_path: Path, say: Callable[[str], None]) -> in
         return _supervise(opt, log_path, say, env)
 
 
+def session_file(log_path: Path, site: str) -> Path:
+    """Where a connected node records, every few seconds, that it is alive (read after a restart)."""
+    return log_path.with_name(f"{site}-session.json")
+
+
+def mark_alive(path: Path, opt: NodeOptions, now: float | None = None) -> None:
+    """Record that this site's key is connected to this server now (atomic write)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"server": opt.server, "auth-key": str(opt.auth_key), "alive": time.time() if now is None else now}))
+    tmp.replace(path)
+
+
+def held_for(path: Path, opt: NodeOptions, now: float | None = None) -> float:
+    """Seconds the server may still hold this site's previous connection (0 when none was recorded)."""
+    try:
+        record = json.loads(path.read_text())
+        same = record["server"] == opt.server and record["auth-key"] == str(opt.auth_key)
+        left = float(record["alive"]) + SESSION_HELD_S - (time.time() if now is None else now)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return min(max(left, 0.0), SESSION_HELD_S) if same else 0.0
+
+
 def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env: dict[str, str]) -> int:
-    restarts, retried = 0, False
+    restarts, retried, held_said = 0, False, False
     stop = {"now": False}
+    session = session_file(log_path, opt.site)
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     while True:
         port = opt.runtime_port or free_port()
@@ -89,9 +119,17 @@ def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env
             proc = subprocess.Popen(supernode_command(opt, port), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         tls_check = (lambda: speaks_tls(opt.server, timeout=2.0) is True) if opt.insecure else None
-        code, refusal = _watch(proc, log_path, say, stop, tls_check)
+        code, refusal = _watch(proc, log_path, say, stop, tls_check, alive=lambda: mark_alive(session, opt))
         if stop["now"]:
             return 0
+        held = held_for(session, opt) if refusal is not None and refusal.retry else 0.0
+        if held > 0:  # this process (or its predecessor) was connected moments ago: the old session still counts
+            if not held_said:
+                say(f"the server still holds this site's previous connection (Flower keeps a node online "
+                    f"{SESSION_HELD_S:.0f} s after its last heartbeat); retrying for up to {held:.0f} s")
+            retried, held_said = True, True
+            time.sleep(min(HELD_RETRY_S, held))
+            continue
         if refusal is not None and refusal.retry and not retried:
             retried = True  # once, quietly: the key may be registered a moment from now
             time.sleep(REGISTRATION_WAIT_S)
@@ -100,7 +138,7 @@ def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env
             if not refusal.linger_s:  # an identity refusal was said already
                 say(f"error: {refusal.cause} (log: {log_path})")
             return 1
-        retried = False
+        retried, held_said = False, False
         restarts += 1
         if opt.max_restarts and restarts > opt.max_restarts:
             say(f"error: server {opt.server} not reachable or connection lost {restarts} times "
@@ -112,19 +150,24 @@ def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env
 
 
 def _watch(proc: subprocess.Popen, log_path: Path, say: Callable[[str], None], stop: dict,
-           tls_check: Callable[[], bool] | None = None) -> tuple[int, Refusal | None]:
+           tls_check: Callable[[], bool] | None = None,
+           alive: Callable[[], None] | None = None) -> tuple[int, Refusal | None]:
     """Follow the SuperNode's output until it exits or refuses; report each failed message in one line.
 
     `tls_check` (an --insecure node): until the node is connected, probe every 2 s whether the server
     speaks TLS: Flower itself only retries, as for a server that is down. An identity refusal is said
     at once and the node kept a few seconds, so that its error reply reaches the server's round table.
+    `alive` is called every few seconds while the node is connected.
     """
     seen = log_path.stat().st_size if log_path.exists() else 0
-    refusal, connected, probed = None, False, time.monotonic()
+    refusal, connected, probed, marked = None, False, time.monotonic(), 0.0
     try:
         while proc.poll() is None and refusal is None and not stop["now"]:
             text, seen = _read_new(log_path, seen)
             connected = connected or "SuperNode ID:" in text
+            if connected and alive is not None and time.monotonic() - marked >= ALIVE_EVERY_S:
+                alive()
+                marked = time.monotonic()
             refusal = _follow(text, say)
             if refusal is None and tls_check is not None and not connected and time.monotonic() - probed > 2.0:
                 probed = time.monotonic()
