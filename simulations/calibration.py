@@ -131,38 +131,63 @@ def untrained(cfg: RunConfig) -> dict[str, float]:
     return _summary(evaluate_on_sites(model, cfg, range(cfg.federation.num_sites)))
 
 
-def trained(cfg: RunConfig, sites: Sequence[int] | None = None) -> dict[str, float]:
-    """Train on these sites' training splits (all by default), report the pooled test metrics of the same sites."""
-    from common.nonfederated import evaluate_on_sites, train_on_sites
+def fit(cfg: RunConfig, sites: Sequence[int] | None = None):
+    """A model trained centrally on these sites' training splits (all by default) for the federation's budget."""
+    from common.nonfederated import train_on_sites
+
+    return train_on_sites(cfg, list(range(cfg.federation.num_sites)) if sites is None else list(sites))
+
+
+def trained(cfg: RunConfig, sites: Sequence[int] | None = None, model=None) -> dict[str, float]:
+    """Pooled test metrics on these sites (all by default) of `model`, or of one trained on their training splits."""
+    from common.nonfederated import evaluate_on_sites
 
     sites = list(range(cfg.federation.num_sites)) if sites is None else list(sites)
-    return _summary(evaluate_on_sites(train_on_sites(cfg, sites), cfg, sites))
+    return _summary(evaluate_on_sites(fit(cfg, sites) if model is None else model, cfg, sites))
 
 
-def patch_split(cfg: RunConfig) -> dict[str, float]:
-    """The leaky protocol: every site's train+test patches reshuffled at PATCH level into splits of the same sizes.
+def leakage_splits(cfg: RunConfig) -> tuple[list[Any], dict[str, Any]]:
+    """Per site: the leaky training set, and the patches both protocols are scored on.
 
-    Patches of one patient then sit on both sides (Bussola et al. 2021); compare with `trained(cfg)`.
+    Half of every test patient's patches (drawn at random) replace as many random training patches; the
+    other half is scored. The patient-level and the patch-level protocol then differ only in whether the
+    scored patients had patches in training (Bussola et al. 2021), with the same number of training patches.
     """
-    from common.nonfederated import evaluate_splits, train_on_data
-    from torch.utils.data import ConcatDataset
-
     from common.datasets.splits import ArraySplit
-    from common.seeds import pooled_seed
+    from common.datasets.stain import stain_transform
 
     entry = get_dataset(cfg.data.dataset)
     names = entry.site_names(cfg)
-    trains, tests = [], {}
+    trains, scored = [], {}
     for site in range(cfg.federation.num_sites):
-        parts = [entry.load_split(cfg, site, split) for split in ("train", "test")]
-        images = np.concatenate([p.images for p in parts])
-        labels = np.concatenate([p.labels for p in parts])
-        order = np.random.default_rng([cfg.data.seed, site, 977]).permutation(len(labels))
-        cut = len(parts[0])
-        trains.append(ArraySplit(images[order[:cut]], labels[order[:cut]]))
-        tests[names[site]] = ArraySplit(images[order[cut:]], labels[order[cut:]])
-    model = train_on_data(cfg, ConcatDataset(trains), seed=pooled_seed(cfg.train.seed, range(cfg.federation.num_sites)))
-    return _summary(evaluate_splits(model, cfg, tests))
+        train, test = (entry.load_split(cfg, site, split) for split in ("train", "test"))
+        rng = np.random.default_rng([cfg.data.seed, site, 977])
+        seen = np.zeros(len(test), bool)
+        for pid in np.unique(test.patients):
+            own = np.flatnonzero(test.patients == pid)
+            seen[rng.permutation(own)[: len(own) // 2]] = True
+        keep = np.sort(rng.permutation(len(train))[: len(train) - int(seen.sum())])
+        trains.append(ArraySplit(np.concatenate([train.images[keep], test.images[seen]]),
+                                 np.concatenate([train.labels[keep], test.labels[seen]]),
+                                 stain_transform(cfg.data, train=True),
+                                 patients=np.concatenate([train.patients[keep], test.patients[seen]])))
+        scored[names[site]] = ArraySplit(test.images[~seen], test.labels[~seen], stain_transform(cfg.data, train=False),
+                                         patients=test.patients[~seen])
+    return trains, scored
+
+
+def leakage(cfg: RunConfig, patient_model) -> dict[str, float]:
+    """Accuracy of the patient-level model (trained on the training patients only) and of a model trained with
+    half of the test patients' patches, both on the other half; the leak in points."""
+    from torch.utils.data import ConcatDataset
+
+    from common.nonfederated import evaluate_splits, train_on_data
+    from common.seeds import pooled_seed
+
+    trains, scored = leakage_splits(cfg)
+    leaky = train_on_data(cfg, ConcatDataset(trains), seed=pooled_seed(cfg.train.seed, range(cfg.federation.num_sites)))
+    patient, patch = (_summary(evaluate_splits(m, cfg, scored))["accuracy"] for m in (patient_model, leaky))
+    return {"patient-level": patient, "patch-level": patch, "leakage-pt": round(100 * (patch - patient), 1)}
 
 
 def hospital_shift(cfg: RunConfig, outlier: int) -> dict[str, float]:

@@ -7,7 +7,7 @@ import pytest
 
 from common.config import ConfigError, RunConfig
 from common.datasets import synthetic, tissue
-from common.datasets.cohort import hospital
+from common.datasets.cohort import outlier_lab, hospital
 from common.datasets.registry import get_dataset
 from common.datasets.synthetic import generate
 
@@ -72,9 +72,14 @@ def test_hospitals_differ_in_stain_and_class_balance(tmp_path) -> None:
     assert not np.allclose(labs[0].h_vector, labs[1].h_vector)
     means = [_split(s, n=24).images.reshape(-1, 3).mean(axis=0) for s in range(3)]
     assert min(np.abs(means[a] - means[b]).max() for a in range(3) for b in range(a + 1, 3)) > 2.0
-    outlier = hospital(1, 3, 0, outlier=True)  # outside every regular lab's range: lighter eosin, heavier JPEG
-    assert outlier.outlier and outlier.stain.e_scale < 0.8 <= min(lab.stain.e_scale for lab in labs)
-    assert 0 < outlier.scanner.jpeg < 75 and all(lab.scanner.jpeg == 0 or lab.scanner.jpeg >= 75 for lab in labs)
+    outlier = hospital(1, 3, 0, outlier=True)  # a scanner outside every regular lab's range: heavier JPEG
+    assert outlier.outlier and 0 < outlier.scanner.jpeg < 75
+    assert all(lab.scanner.jpeg == 0 or lab.scanner.jpeg >= 75 for lab in labs)
+    # its stain moves with OUTLIER_SHIFT: none at 0, at 1 a paler eosin than any regular lab's
+    none, extreme = (outlier_lab(np.random.default_rng(0), shift)[0] for shift in (0.0, 1.0))
+    assert none.e_scale == none.h_scale == 1.0 and not none.glass.any()
+    assert extreme.e_scale < 0.8 <= min(lab.stain.e_scale for lab in labs)
+    assert 0 < 1.0 - outlier.stain.e_scale < 1.0 - extreme.e_scale + 0.05  # the configured shift lies in between
 
 
 def test_darkness_and_nuclear_area_overlap_between_classes() -> None:
