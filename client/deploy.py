@@ -125,8 +125,8 @@ def _supervise(opt: NodeOptions, log_path: Path, say: Callable[[str], None], env
         held = held_for(session, opt) if refusal is not None and refusal.retry else 0.0
         if held > 0:  # this process (or its predecessor) was connected moments ago: the old session still counts
             if not held_said:
-                say(f"the server still holds this site's previous connection (Flower keeps a node online "
-                    f"{SESSION_HELD_S:.0f} s after its last heartbeat); retrying for up to {held:.0f} s")
+                say(f"the server still holds this site's previous connection (Flower keeps a node online up to 60 s "
+                    f"after its last heartbeat); retrying for up to {held:.0f} s")
             retried, held_said = True, True
             time.sleep(min(HELD_RETRY_S, held))
             continue
