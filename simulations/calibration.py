@@ -131,18 +131,22 @@ def untrained(cfg: RunConfig) -> dict[str, float]:
     return _summary(evaluate_on_sites(model, cfg, range(cfg.federation.num_sites)))
 
 
+def _sites(cfg: RunConfig, sites: Sequence[int] | None) -> list[int]:
+    return list(range(cfg.federation.num_sites)) if sites is None else list(sites)
+
+
 def fit(cfg: RunConfig, sites: Sequence[int] | None = None):
     """A model trained centrally on these sites' training splits (all by default) for the federation's budget."""
     from common.nonfederated import train_on_sites
 
-    return train_on_sites(cfg, list(range(cfg.federation.num_sites)) if sites is None else list(sites))
+    return train_on_sites(cfg, _sites(cfg, sites))
 
 
 def trained(cfg: RunConfig, sites: Sequence[int] | None = None, model=None) -> dict[str, float]:
     """Pooled test metrics on these sites (all by default) of `model`, or of one trained on their training splits."""
     from common.nonfederated import evaluate_on_sites
 
-    sites = list(range(cfg.federation.num_sites)) if sites is None else list(sites)
+    sites = _sites(cfg, sites)
     return _summary(evaluate_on_sites(fit(cfg, sites) if model is None else model, cfg, sites))
 
 

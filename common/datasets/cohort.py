@@ -89,8 +89,9 @@ def outlier_lab(rng: np.random.Generator, shift: float) -> tuple[Stain, Scanner]
     h, e = lab_vectors(rng, 0.35 - shift * (0.35 - float(rng.uniform(0.1, 0.2))), 0.03)
     h = unit(h + shift * np.array([0.0, 0.05, 0.09]))  # a bluer haematoxylin batch
     e = unit(e + shift * np.array([0.06, 0.0, 0.04]))
-    stain = Stain(h, e, 1.0 + shift * (float(rng.uniform(1.2, 1.25)) - 1.0), 1.0 - shift * (1.0 - float(rng.uniform(0.74, 0.78))),
-                  shift * np.array([0.04, 0.035, 0.025]))
+    h_scale = 1.0 + shift * (float(rng.uniform(1.2, 1.25)) - 1.0)  # darker haematoxylin
+    e_scale = 1.0 - shift * (1.0 - float(rng.uniform(0.74, 0.78)))  # paler eosin
+    stain = Stain(h, e, h_scale, e_scale, shift * np.array([0.04, 0.035, 0.025]))
     scanner = Scanner(blur_um=float(rng.uniform(0.8, 0.9)), sharpen=0.0, jpeg=int(rng.integers(65, 72)),
                       illumination=float(rng.uniform(0.08, 0.12)), noise=0.02,
                       gains=np.array([1.0, 0.98, 0.94]), gamma=0.95)
@@ -98,7 +99,7 @@ def outlier_lab(rng: np.random.Generator, shift: float) -> tuple[Stain, Scanner]
 
 
 def hospital(site: int, num_sites: int, seed: int, *, outlier: bool = False) -> Hospital:
-    """Deterministic lab profile of one site; an outlier lab stains and scans far outside the others' range."""
+    """Deterministic lab profile of one site; an outlier lab is `outlier_lab` at OUTLIER_SHIFT."""
     rng = np.random.default_rng([seed, 7919, site])
     spread = site / max(num_sites - 1, 1)  # malignant share 0.45 .. 0.55 across sites
     if outlier:
