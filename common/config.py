@@ -279,8 +279,8 @@ class PrivacyConfig(_Section):
 class PretrainConfig(_Section):
     """Public-data pretraining on the coordinator, before any hospital trains (`flower-server pretrain`)."""
 
-    corpus_size: int = Field(3000, gt=0, description="patches of the embedded public tissue-type corpus")
-    epochs: int = Field(4, gt=0, description="pretraining epochs")
+    corpus_size: int = Field(6000, gt=0, description="patches of the embedded public corpus (tissue types + nuclear morphometry)")
+    epochs: int = Field(12, gt=0, description="pretraining epochs")
     batch_size: int = Field(64, gt=1, description="pretraining batch size")
     lr: float = Field(2e-3, gt=0.0, description="pretraining AdamW learning rate")
     seed: int = Field(0, ge=0, description="corpus and initialisation seed (public labs and patients, disjoint from every site)")

@@ -52,7 +52,7 @@ def pretrain(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value: model.*, pretrain.*, train.device (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
-    """Pretrain the hybrid (all but its classifier) on the embedded PUBLIC tissue-type corpus: the coordinator's step, before any hospital trains."""
+    """Pretrain the hybrid (all but its classifier) on the embedded PUBLIC corpus (tissue types + nuclear morphometry): the coordinator's step, before any hospital trains."""
     from common.config import RunConfig, parse_assignments
     from common.errors import ConfigError
 

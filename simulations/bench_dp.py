@@ -1,6 +1,7 @@
 """Benchmark of differential privacy that learns: pretrained fine-tuning vs training from scratch, local vs central DP.
 
-Usage: python -m simulations.bench_dp [--tiny] [--no-accuracy] [--seeds N] [--threads N] [--out FILE.json]
+Usage: python -m simulations.bench_dp [--tiny] [--no-accuracy] [--seeds N] [--groups pretrained,central,scratch]
+                                     [--threads N] [--out FILE.json] [--resume FILE.json]
 
 (a) Throughput, one process, variants interleaved (A B C A B C ...), medians of per-repeat ratios:
     the whole hybrid as before (`normal` BatchNorm training, `gn-no-dp` the DP-compatible model without
@@ -12,7 +13,9 @@ Usage: python -m simulations.bench_dp [--tiny] [--no-accuracy] [--seeds N] [--th
     hybrid, batch 32) without DP and at ε = 8, 3; central DP (Flower's wrapper) with many hospitals at
     ε = 8 beside the same run without DP. Final global accuracy, each site's final ε (δ = 1e-5), σ.
 (c) The goals of issue 14, each with its measured margin.
-Every figure is on SYNTHETIC data.
+With --out the JSON is rewritten after every run ("complete": false until the end); --resume FILE reuses the
+runs FILE already holds (same group, variant and seed) and its throughput part, so an interrupted benchmark
+loses nothing. Every figure is on SYNTHETIC data.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from simulations.scenarios import DP_RECIPE
 
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
 GOALS = {"ε=8 gap": -0.03, "ε=3 gap": -0.06, "pretrained − scratch (no DP)": 0.0, "recipe DP/no-DP img/s": 0.6}
-SCRATCH = {"model.pretrained-path": "", "model.trainable": "all", "train.batch-size": 32,
+SCRATCH = {"model.pretrained-path": "", "model.trainable": "all", "train.batch-size": 32, "train.lr": 0.001,
            "train.augment-multiplicity": 1, "train.ema-decay": 0.0}  # today's from-scratch recipe
 
 
@@ -283,15 +286,45 @@ def goals(rows: dict[str, dict[str, Any]], tput: dict[str, Any] | None) -> dict[
                    "met": None if v is None else v >= GOALS[name] - 1e-12} for name, v in measured.items()}
 
 
-def accuracy(size: Size, seeds: int, work: Path, log: Any = print) -> tuple[list[tuple[Run, dict[str, Any]]], dict]:
-    """Every planned run, in order; returns the raw results and the summary rows."""
+GROUPS = ("pretrained", "central", "scratch")
+
+
+def _run_key(group: str, variant: str, seed: int) -> tuple[str, str, int]:
+    return group, variant, int(seed)
+
+
+def accuracy(size: Size, seeds: int, work: Path, log: Any = print, *, groups: tuple[str, ...] = GROUPS,
+             done: dict[tuple[str, str, int], dict[str, Any]] | None = None,
+             save: Any = None) -> tuple[list[tuple[Run, dict[str, Any]]], dict]:
+    """Every planned run of these groups, in order (reusing `done`; `save(results)` after each); raw results and summary rows."""
+    done = done or {}
     results = []
-    for i, run in enumerate(plan_runs(size, seeds)):
-        res = federated(size, run, work / f"{i:02d}-{run.group}-{run.variant.replace('=', '')}-s{run.seed}")
-        log(f"  {run.group} {run.variant} seed {run.seed}: accuracy {res['accuracy']:.4f}, ε {res.get('epsilon', '-')}, "
-            f"{res['wall-s']} s")
+    plan = [r for r in plan_runs(size, seeds) if r.group.split("-")[0] in groups]
+    for i, run in enumerate(plan):
+        res = done.get(_run_key(run.group, run.variant, run.seed))
+        state = "reused"
+        if res is None:
+            res = federated(size, run, work / f"{i:02d}-{run.group}-{run.variant.replace('=', '')}-s{run.seed}")
+            state = f"{res['wall-s']} s"
+        log(f"  [{i + 1}/{len(plan)}] {run.group} {run.variant} seed {run.seed}: accuracy {res['accuracy']:.4f}, "
+            f"ε {res.get('epsilon', '-')}, {state}")
         results.append((run, res))
+        if save is not None:
+            save(results)
     return results, summarise(results)
+
+
+def _previous(path: Path | None) -> tuple[dict[tuple[str, str, int], dict[str, Any]], dict[str, Any] | None]:
+    """The runs and the throughput part of an earlier --out file (nothing when there is none)."""
+    if path is None:
+        return {}, None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--resume {path}: cannot read it ({exc})") from exc
+    runs = {_run_key(r["group"], r["variant"], r["seed"]): {k: v for k, v in r.items() if k not in ("group", "variant", "seed")}
+            for r in old.get("runs", [])}
+    return runs, old.get("throughput")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -302,25 +335,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-throughput", action="store_true", help="accuracy only")
     parser.add_argument("--seeds", type=int, default=None, help="train.seed 0..N-1 (default 3; tiny 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the throughput part (1: steadiest)")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument("--groups", default=",".join(GROUPS), help=f"accuracy groups to run (of {', '.join(GROUPS)})")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON (rewritten after every run)")
+    parser.add_argument("--resume", type=Path, default=None, help="reuse the runs (and throughput) of an earlier --out file")
     args = parser.parse_args(argv)
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown or not groups:
+        parser.error(f"--groups: unknown group {', '.join(unknown) or '(none)'} (choose from {', '.join(GROUPS)})")
+    done, old_throughput = _previous(args.resume)
     torch.set_num_threads(max(1, args.threads))
     size = SIZES["tiny" if args.tiny else "default"]
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", message="Full backward hook")
     print(f"DP benchmark ({'tiny' if args.tiny else 'default'} size; SYNTHETIC data; CPU)")
-    result: dict[str, Any] = {"data": "synthetic"}
-    if not args.no_throughput:
+    result: dict[str, Any] = {"data": "synthetic", "complete": False}
+
+    def save(runs: list[tuple[Run, dict[str, Any]]] | None = None) -> None:
+        if runs is not None:
+            result["runs"] = [{"group": r.group, "variant": r.variant, "seed": r.seed, **res} for r, res in runs]
+        if args.out:
+            tmp = args.out.with_name(f".{args.out.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(args.out)
+
+    if old_throughput is not None and args.resume is not None:
+        result["throughput"] = old_throughput
+    elif not args.no_throughput:
         result["throughput"] = throughput(size)
+    save()
     if not args.no_accuracy:
         with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
-            runs, rows = accuracy(size, args.seeds or size.seeds, Path(tmp))
-        result["runs"] = [{"group": r.group, "variant": r.variant, "seed": r.seed, **res} for r, res in runs]
+            runs, rows = accuracy(size, args.seeds or size.seeds, Path(tmp), groups=groups, done=done, save=save)
+        save(runs)
         result["accuracy"] = rows
     result["goals"] = goals(result.get("accuracy", {}), result.get("throughput"))
+    result["complete"] = True
     _print(result)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    save()
     return result
 
 

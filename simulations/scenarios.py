@@ -26,7 +26,7 @@ DEFAULT_SCENARIO = "synthetic-3sites"
 DP_RECIPE: dict[str, Any] = {
     "data.train-per-site": 2000, "data.test-per-site": 500,
     "model.pretrained-path": "public", "model.trainable": "head",
-    "train.batch-size": 256, "train.local-epochs": 1, "federation.rounds": 5,
+    "train.batch-size": 256, "train.lr": 0.01, "train.local-epochs": 1, "federation.rounds": 5,
     "privacy.mode": "local", "privacy.target-epsilon": 8.0,
 }
 
@@ -59,7 +59,7 @@ SCENARIOS: dict[str, Scenario] = {
     "synthetic-dp": Scenario(
         "differential privacy that learns: 3 synthetic hospitals × 2,000 training / 500 test patches (a "
         "Camelyon17-centre subsample; DP-SGD needs thousands of records per site), the hybrid pretrained on the "
-        "public tissue-type corpus (model.pretrained-path=public, cached), its head fine-tuned with local DP-SGD at "
+        "public corpus (tissue types + nuclear morphometry; model.pretrained-path=public, cached), its head fine-tuned with local DP-SGD at "
         "ε = 8 (δ = 1e-5) per site over 5 rounds; frozen-backbone features cached per site",
         DP_RECIPE,
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from simulations import bench_dp
@@ -52,3 +54,35 @@ def test_a_missed_goal_is_reported_as_missed_with_its_value() -> None:
     assert goals["ε=8 gap"] == {"value": pytest.approx(-0.1), "target": -0.03, "met": False}
     assert goals["ε=3 gap"]["met"] and not goals["pretrained − scratch (no DP)"]["met"]
     assert not goals["recipe DP/no-DP img/s"]["met"]
+
+
+def test_an_interrupted_benchmark_resumes_from_its_json_without_rerunning(monkeypatch, tmp_path) -> None:
+    # Prepare: the first attempt dies on its third run, after writing two to --out
+    out, calls = tmp_path / "dp.json", []
+
+    def dying(size, run, run_dir):
+        calls.append((run.group, run.variant, run.seed))
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return _stub(size, run, run_dir)
+
+    monkeypatch.setattr(bench_dp, "federated", dying)
+    with pytest.raises(RuntimeError):
+        bench_dp.main(["--tiny", "--no-throughput", "--groups", "pretrained", "--out", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and len(partial["runs"]) == 2
+    # Execute: resume
+    calls.clear()
+    monkeypatch.setattr(bench_dp, "federated", lambda size, run, run_dir: calls.append(run.variant) or _stub(size, run, run_dir))
+    result = bench_dp.main(["--tiny", "--no-throughput", "--groups", "pretrained", "--out", str(out), "--resume", str(out)])
+    # Assert: only the missing runs ran, only the pretrained group, and the file is complete
+    planned = [r for r in bench_dp.plan_runs(bench_dp.SIZES["tiny"], 1) if r.group == "pretrained"]
+    assert len(calls) == len(planned) - 2
+    assert {row["group"] for row in result["accuracy"].values()} == {"pretrained"}
+    assert json.loads(out.read_text())["complete"] is True
+
+
+def test_an_unknown_group_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        bench_dp.main(["--tiny", "--no-throughput", "--groups", "pretrained,nope"])
+    assert err.value.code == 2 and "--groups: unknown group nope" in capsys.readouterr().err

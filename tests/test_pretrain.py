@@ -72,7 +72,10 @@ def test_pretraining_reads_only_the_public_corpus_never_a_site_or_the_malignancy
         keys, meta = set(f.keys()), f.metadata()
     model = build_model(pre_cfg.model)
     assert keys == {k for k in model.state_dict() if not k.startswith("classifier.")}
-    assert meta["task"] == "tissue-type" and meta["data"] == "synthetic"
+    assert meta["task"] == "tissue-type+morphometry" and meta["data"] == "synthetic"
+    assert meta["measures"].split(",") == list(corpus.measures) and not forbidden & set(corpus.measures)
+    assert corpus.morphometry.shape == (40, len(corpus.measures)) and np.isfinite(corpus.morphometry).all()
+    assert result.holdout_r2 <= 1.0 and np.isfinite(result.holdout_r2)
 
 
 def test_the_public_corpus_is_deterministic_and_its_people_come_from_their_own_seed_space(pre_cfg) -> None:

@@ -1,12 +1,15 @@
 """The embedded PUBLIC pretraining corpus: synthetic H&E tissue-type patches from labs and patients that no site holds.
 
 SYNTHETIC. Pretraining (common/pretrain.py) needs data that is public and not the hospitals' task: this
-corpus is labelled with tissue types, never with the malignancy label or a subtype. Its labs (stain and
+corpus is labelled with tissue types and nuclear morphometry (what public nucleus-annotated corpora such as
+MoNuSeg or PanNuke let a model learn: nuclei per area, nuclear area and its spread, vesicular chromatin,
+nucleolated and mitotic shares, dark-chromatin share), never with the malignancy label or a subtype. Its labs (stain and
 scanner profiles) and patients are drawn from their own seed space (`PUBLIC_SPACE`), so no lab or patient
 coincides with a simulated hospital's; patient ids are
 `public-p…`, lab ids `public-lab-…`. Patches come from the same tissue renderer as the hospitals
 (common/datasets/tissue/, any of the 8 architectures); each is labelled by the compartment that covers
-most of it (stroma, epithelium, white space: lumen, fat, background; pale matrix: mucin, myxoid). Rendered
+most of it (stroma, epithelium, white space: lumen, fat, background; pale matrix: mucin, myxoid) and measured
+by `tissue.nuclei.morphometry` (descriptive measurements of the painted nuclei, no diagnosis). Rendered
 corpora are cached on disk like the synthetic sites (`data.cache-dir`).
 """
 
@@ -22,7 +25,7 @@ import numpy as np
 from common.datasets import synthetic
 from common.datasets.cohort import Hospital, hospital, slide_stain
 from common.datasets.index_cache import cached_arrays, default_cache_dir
-from common.datasets.tissue import SUBTYPES, canvas, draw_patch, sample_biology
+from common.datasets.tissue import MORPHOMETRY, SUBTYPES, canvas, draw_patch, sample_biology
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -34,13 +37,15 @@ PATCHES_PER_PATIENT = 20
 
 @dataclass(frozen=True)
 class PublicCorpus:
-    """Images N x H x W x 3 uint8, tissue labels N, label names, and the patient and lab of each patch."""
+    """Images N x H x W x 3 uint8, tissue labels N, label names, nuclear morphometry N x M, patient and lab of each patch."""
 
     images: np.ndarray
     labels: np.ndarray
     names: tuple[str, ...]
     patients: np.ndarray  # str ids 'public-p00012'
     labs: np.ndarray  # str ids 'public-lab-003'
+    morphometry: np.ndarray  # float32 N x len(MORPHOMETRY)
+    measures: tuple[str, ...] = MORPHOMETRY
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -80,15 +85,16 @@ def _render_corpus(*, n: int, image_size: int, seed: int) -> dict[str, np.ndarra
         subtype = int(prng.integers(0, len(SUBTYPES)))
         people.append((subtype, sample_biology(prng, SUBTYPES[subtype].malignant),
                        slide_stain(prng, labs[lab_of_patient[p]].stain)))
-    images, labels = [], []
+    images, labels, measured = [], [], []
     for j, p in enumerate(patient_of):
         subtype, bio, stain = people[p]
-        image, comp = draw_patch(np.random.default_rng([PUBLIC_SPACE, seed, 2, j, image_size]), image_size, subtype,
-                                 bio, stain, labs[lab_of_patient[p]].scanner)
+        image, comp, morph = draw_patch(np.random.default_rng([PUBLIC_SPACE, seed, 2, j, image_size]), image_size,
+                                        subtype, bio, stain, labs[lab_of_patient[p]].scanner)
         images.append(image)
         labels.append(tissue_type(comp))
+        measured.append(morph)
     return {"images": np.stack(images), "labels": np.asarray(labels, np.int64), "patient": patient_of.astype(np.int64),
-            "lab": lab_of_patient[patient_of].astype(np.int64)}
+            "lab": lab_of_patient[patient_of].astype(np.int64), "morphometry": np.stack(measured).astype(np.float32)}
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,11 +104,11 @@ def _corpus(n: int, image_size: int, seed: int, cache_dir: str) -> PublicCorpus:
     arrays = cached_arrays("public-corpus", key, build, cache_dir=Path(cache_dir), code=source_files())
     return PublicCorpus(arrays["images"], arrays["labels"], TISSUE_TYPES,
                         np.array([f"public-p{int(p):05d}" for p in arrays["patient"]]),
-                        np.array([f"public-lab-{int(k):03d}" for k in arrays["lab"]]))
+                        np.array([f"public-lab-{int(k):03d}" for k in arrays["lab"]]), arrays["morphometry"])
 
 
 def load_public_corpus(cfg: RunConfig, n: int, seed: int) -> PublicCorpus:
-    """n public tissue-type patches at model.image-size (rendered once per machine, then read from data.cache-dir)."""
+    """n public tissue-type + morphometry patches at model.image-size (rendered once per machine, then read from data.cache-dir)."""
     if n <= 0:
         raise ValueError(f"the public corpus needs at least one patch (got {n})")
     return _corpus(int(n), cfg.model.image_size, int(seed), str(default_cache_dir(cfg.data.cache_dir)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.datasets.tissue.nuclei import MORPHOMETRY
 from common.datasets.tissue.optics import E_OD, H_OD, Scanner, Stain, lab_vectors, unit
 from common.datasets.tissue.patch import (
     FIELD_UM, REFERENCE_SIZE, UM_PER_PX, canvas_size, draw_patch, render_patch, sample_biology,
@@ -16,7 +17,7 @@ from common.datasets.tissue.patch import (
 from common.datasets.tissue.subtypes import SUBTYPES, Biology, Subtype
 
 __all__ = [
-    "E_OD", "FIELD_UM", "H_OD", "REFERENCE_SIZE", "SUBTYPES", "UM_PER_PX", "Biology", "Scanner", "Stain", "Subtype",
+    "E_OD", "FIELD_UM", "H_OD", "MORPHOMETRY", "REFERENCE_SIZE", "SUBTYPES", "UM_PER_PX", "Biology", "Scanner", "Stain", "Subtype",
     "canvas_size", "draw_patch", "lab_vectors", "render_patch", "sample_biology", "source_files", "unit",
 ]
 

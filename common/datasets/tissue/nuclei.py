@@ -191,3 +191,30 @@ def level(nuc: Nuclei, darkness: float) -> Nuclei:
     h = nuc.h.copy()
     h[inside] = darkness * (0.5 + 0.65 * ranks)
     return replace(nuc, h=h)
+
+
+MORPHOMETRY = ("nuclei per 1e4 um²", "mean nuclear area", "nuclear area cv", "vesicular chromatin", "nucleolated share",
+               "mitotic share", "dark chromatin share")
+MIN_NUCLEUS_UM2 = 4.0  # smaller visible fragments are not counted as nuclei
+
+
+def morphometry(nuc: Nuclei, table: dict[str, np.ndarray], px_um: float, factor: int) -> np.ndarray:
+    """What a nucleus segmentation of the painted patch measures (MORPHOMETRY order; zeros without nuclei).
+
+    Areas are each cell's visible nuclear coverage (after thinning) in um²; the other columns are
+    means over the counted nuclei of their drawn attributes. Descriptive, not diagnostic: no lesion label.
+    """
+    out = np.zeros(len(MORPHOMETRY), np.float32)
+    out[6] = dark_share(nuc, factor)
+    count = table["y"].size
+    if count == 0 or nuc.owner.min() < 0:
+        return out
+    area = np.bincount(nuc.owner.ravel(), weights=nuc.cover.ravel(), minlength=count)[:count] * px_um**2
+    seen = area > MIN_NUCLEUS_UM2
+    if not seen.any():
+        return out
+    a = area[seen]
+    field_um2 = (nuc.owner.shape[0] * px_um) ** 2
+    out[:6] = (seen.sum() / field_um2 * 1e4, a.mean(), a.std() / a.mean(), table["ves"][seen].mean(),
+               (table["nucleolus"][seen] > 0).mean(), (table["mitosis"][seen] > 0).mean())
+    return out

@@ -63,8 +63,10 @@ def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology
 
 
 def draw_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, stain: optics.Stain,
-               scanner: optics.Scanner, field: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """render_patch's image and the compartment map it was drawn from (canvas pixels, canvas.py codes)."""
+               scanner: optics.Scanner, field: np.random.Generator | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """render_patch's image, the compartment map it was drawn from (canvas pixels, canvas.py codes) and its
+    nuclear morphometry (nuclei.MORPHOMETRY: what a nucleus segmentation of the patch would measure)."""
     n, factor = canvas_size(size)
     field = rng if field is None else field
     cv = Canvas(n, FIELD_UM / n, field)
@@ -73,11 +75,14 @@ def draw_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, 
     cv.rng = rng
     finish(cv, rng, bio, knobs, SUBTYPES[subtype].stroma)
     crisp, darkness = 0.35 + 0.65 * bio.fixation, 0.8 * bio.nuclear_dark
-    nuc = nuclei.level(nuclei.paint(cv, cv.seed_table(), crisp), darkness)
+    table = cv.seed_table()
+    nuc = nuclei.level(nuclei.paint(cv, table, crisp), darkness)
     short = knobs.nuclear - nuclei.dark_share(nuc, factor)
     if short > 0.015:  # too little chromatin for the target: inflammatory cells join the stroma
         structures.inflammation(cv, rng, 1.5 * short)
-        nuc = nuclei.level(nuclei.paint(cv, cv.seed_table(), crisp), darkness)
+        table = cv.seed_table()
+        nuc = nuclei.level(nuclei.paint(cv, table, crisp), darkness)
     nuc = nuclei.thin(nuc, knobs.nuclear, factor, rng)  # dark chromatin share: the patch's target, whatever its class
     h, e = optics.concentrations(cv, nuc, rng, fibre_angle=knobs.angle, fibre_contrast=float(rng.uniform(0.25, 0.5)))
-    return optics.to_rgb(h, e, stain, scanner, factor=factor, um_per_px=FIELD_UM / size, rng=rng), cv.comp
+    image = optics.to_rgb(h, e, stain, scanner, factor=factor, um_per_px=FIELD_UM / size, rng=rng)
+    return image, cv.comp, nuclei.morphometry(nuc, table, cv.px_um, factor)
