@@ -67,16 +67,21 @@ def sample(style: Style, rng: np.random.Generator, count: int, angle: float | np
     theta = u[2] * np.pi if angle is None else np.asarray(angle, np.float32) + 0.15 * z[1]
     dark = style.dark * np.clip(1.0 + 0.1 * z[2], 0.6, 1.5)
     nucleolus = (u[3] < style.nucleolus) & ~mitosis
+    any_mitosis = bool(mitosis.any())
+
+    def pick(in_mitosis: float | np.ndarray, otherwise: np.ndarray) -> np.ndarray:
+        return np.where(mitosis, in_mitosis, otherwise) if any_mitosis else otherwise
+
     return {
-        "a": np.where(mitosis, a * 0.9, a), "b": np.where(mitosis, b * 0.45, b),
+        "a": pick(a * 0.9, a), "b": pick(b * 0.45, b),
         "angle": np.broadcast_to(theta, (count,)),
-        "dark": np.where(mitosis, dark * 1.7, dark), "ves": np.where(mitosis, 0.0, style.ves * (0.6 + 0.7 * u[4])),
+        "dark": pick(dark * 1.7, dark), "ves": pick(0.0, style.ves * (0.6 + 0.7 * u[4])),
         "nucleolus": np.where(nucleolus, (0.7 + 0.6 * u[5]) * (0.8 + 0.025 * size), 0.0),
-        "irr": np.where(mitosis, 0.35, style.irr * (0.5 + u[6])),
-        "lobes": np.where(mitosis, 7.0, 2.0 + np.floor(3.0 * u[7])), "phase": u[8] * (2 * np.pi),
+        "irr": pick(0.35, style.irr * (0.5 + u[6])),
+        "lobes": pick(7.0, 2.0 + np.floor(3.0 * u[7])), "phase": u[8] * (2 * np.pi),
         "mitosis": mitosis.astype(np.float32), "cyto": style.cyto * (0.85 + 0.3 * u[9]),
-        "visible": ((u[10] < style.visible) | mitosis).astype(np.float32),
-        "halo": np.where(mitosis, 0.8, style.halo * (0.5 + u[7])),
+        "visible": (((u[10] < style.visible) | mitosis) if any_mitosis else (u[10] < style.visible)).astype(np.float32),
+        "halo": pick(0.8, style.halo * (0.5 + u[7])),
     }
 
 
@@ -108,48 +113,57 @@ def paint(cv: Canvas, table: dict[str, np.ndarray], crisp: float) -> Nuclei:
     ix = np.clip(np.round(table["x"]).astype(int) + _PAD, 0, m - 1)
     label = np.full((m, m), -1, np.int32)
     label[iy, ix] = np.arange(count, dtype=np.int32)
-    _, (ny, nx) = ndimage.distance_transform_edt(label < 0, return_indices=True)
+    ny, nx = ndimage.distance_transform_edt(label < 0, return_distances=False, return_indices=True)
     owner = label[ny, nx][_PAD : _PAD + n, _PAD : _PAD + n]
     membrane = np.zeros((n, n), bool)
     membrane[:, :-1] |= owner[:, :-1] != owner[:, 1:]
     membrane[:-1, :] |= owner[:-1, :] != owner[1:, :]
 
-    names = list(table)
-    stacked = np.stack([table[k] for k in names])[:, owner]  # one gather for every attribute
-    get = dict(zip(names, stacked))
+    # per-cell quantities once per seed, then gathered (elementwise, so the same values as per pixel)
+    px = {"y": table["y"], "x": table["x"], "ca": np.cos(table["angle"]), "sa": np.sin(table["angle"]),
+          "a_px": table["a"] / cv.px_um, "b_px": table["b"] / cv.px_um, "irr": table["irr"], "lobes": table["lobes"],
+          "phase": table["phase"], "visible": table["visible"], "halo": table["halo"]}
+    get = dict(zip(px, np.take(np.stack(list(px.values())), owner, axis=1)))  # one gather for every attribute
     dy, dx = cv.yy - get["y"], cv.xx - get["x"]
-    ca, sa = np.cos(get["angle"]), np.sin(get["angle"])
-    a_px, b_px = get["a"] / cv.px_um, get["b"] / cv.px_um
+    ca, sa, a_px, b_px = get["ca"], get["sa"], get["a_px"], get["b_px"]
     u, v = (dx * ca + dy * sa) / a_px, (-dx * sa + dy * ca) / b_px
     q = np.sqrt(u * u + v * v)
     r = 1.0 + get["irr"] * np.sin(get["lobes"] * np.arctan2(v, u) + get["phase"])
     cover = np.clip((r - q) * b_px * 1.1 + 0.5, 0.0, 1.0) * get["visible"]
-    rel = q / np.maximum(r, 0.3)
     tex = cv.textures.crop(cv.textures.fine, cv.rng) * crisp
-    rim = np.clip(1.0 - np.abs(rel - 0.82) / 0.2, 0.0, 1.0)
-    clumps = np.clip(tex - 0.6, 0.0, None)
-    ves = get["ves"]
-    solid = 0.86 + 0.22 * tex
-    vesicular = 0.50 + 0.55 * rim + 0.55 * clumps
-    h = get["dark"] * ((1 - ves) * solid + ves * vesicular)
-    # nucleolus: a small dark-magenta dot off centre (its offset follows the cell's phase)
-    no_u, no_v = 0.25 * np.cos(get["phase"]), 0.25 * np.sin(get["phase"])
-    dist = np.hypot((u - no_u) * a_px, (v - no_v) * b_px) * cv.px_um
-    spot = np.clip(1.0 - dist / np.maximum(get["nucleolus"], 1e-3), 0.0, 1.0) * (get["nucleolus"] > 0)
-    h = h + 0.55 * get["dark"] * spot
-    e = 0.06 + 0.30 * spot
-    mitotic = get["mitosis"] > 0
-    if mitotic.any():
-        h = np.where(mitotic, get["dark"] * (0.75 + 0.45 * np.clip(tex + 0.5, 0, 1.5)), h)
     halo = get["halo"] * np.clip(1.6 - q, 0.0, 0.6) / 0.6 * (q >= 0.95)
-    return Nuclei(cover.astype(np.float32), h.astype(np.float32), e.astype(np.float32), halo.astype(np.float32),
-                  owner, membrane, get["cyto"].astype(np.float32))
+    # chromatin only where a nucleus covers the pixel: elsewhere cover is 0 and its stain is never seen
+    sel = np.flatnonzero(cover > 0)
+    cell = owner.ravel()[sel]
+    u, v, q, r, tex_s = u.ravel()[sel], v.ravel()[sel], q.ravel()[sel], r.ravel()[sel], tex.ravel()[sel]
+    a_px, b_px = a_px.ravel()[sel], b_px.ravel()[sel]
+    dark, ves, nucleolus = table["dark"][cell], table["ves"][cell], table["nucleolus"][cell]
+    rel = q / np.maximum(r, 0.3)
+    rim = np.clip(1.0 - np.abs(rel - 0.82) / 0.2, 0.0, 1.0)
+    clumps = np.clip(tex_s - 0.6, 0.0, None)
+    solid = 0.86 + 0.22 * tex_s
+    vesicular = 0.50 + 0.55 * rim + 0.55 * clumps
+    h_s = dark * ((1 - ves) * solid + ves * vesicular)
+    # nucleolus: a small dark-magenta dot off centre (its offset follows the cell's phase)
+    phase = table["phase"][cell]
+    no_u, no_v = 0.25 * np.cos(phase), 0.25 * np.sin(phase)
+    dist = np.hypot((u - no_u) * a_px, (v - no_v) * b_px) * cv.px_um
+    spot = np.clip(1.0 - dist / np.maximum(nucleolus, 1e-3), 0.0, 1.0) * (nucleolus > 0)
+    h_s = h_s + 0.55 * dark * spot
+    e_s = 0.06 + 0.30 * spot
+    mitotic = table["mitosis"][cell] > 0
+    if mitotic.any():
+        h_s = np.where(mitotic, dark * (0.75 + 0.45 * np.clip(tex_s + 0.5, 0, 1.5)), h_s)
+    h, e = np.zeros(n * n, np.float32), np.zeros(n * n, np.float32)
+    h[sel], e[sel] = h_s, e_s
+    return Nuclei(cover.astype(np.float32), h.reshape(n, n), e.reshape(n, n), halo.astype(np.float32),
+                  owner, membrane, table["cyto"][owner].astype(np.float32))
 
 
 DARK_CHROMATIN = 0.45  # haematoxylin concentration of an output pixel counted as dark chromatin
 
 
-def _dark(nuc: Nuclei, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def dark_blocks(nuc: Nuclei, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """Dark chromatin at the output resolution (block means of the hi-res nuclei) and each block's owner cell."""
     mass = nuc.cover * nuc.h
     n = mass.shape[0] // factor
@@ -159,12 +173,14 @@ def _dark(nuc: Nuclei, factor: int) -> tuple[np.ndarray, np.ndarray]:
 
 def dark_share(nuc: Nuclei, factor: int) -> float:
     """Share of the output patch that is dark chromatin (what a dark-pixel or nuclear-area count sees)."""
-    return float(_dark(nuc, factor)[0].mean())
+    return float(dark_blocks(nuc, factor)[0].mean())
 
 
-def thin(nuc: Nuclei, target: float, factor: int, rng: np.random.Generator) -> Nuclei:
-    """Hide whole nuclei, drawn at random, until dark chromatin covers at most `target` of the output patch."""
-    dark, owner = _dark(nuc, factor)
+def thin(nuc: Nuclei, target: float, factor: int, rng: np.random.Generator,
+         dark: tuple[np.ndarray, np.ndarray] | None = None) -> Nuclei:
+    """Hide whole nuclei, drawn at random, until dark chromatin covers at most `target` of the output patch
+    (`dark`: dark_blocks(nuc, factor) when the caller has it)."""
+    dark, owner = dark_blocks(nuc, factor) if dark is None else dark
     excess = int(dark.sum() - target * dark.size)
     if excess <= 0 or nuc.owner.max() < 0:
         return nuc
@@ -187,10 +203,18 @@ def level(nuc: Nuclei, darkness: float) -> Nuclei:
     if values.size < 2:
         return nuc
     ranks = np.empty(values.size, np.float32)
-    ranks[np.argsort(values, kind="stable")] = np.linspace(0.0, 1.0, values.size, dtype=np.float32)
+    ranks[stable_order(values)] = np.linspace(0.0, 1.0, values.size, dtype=np.float32)
     h = nuc.h.copy()
     h[inside] = darkness * (0.5 + 0.65 * ranks)
     return replace(nuc, h=h)
+
+
+def stable_order(values: np.ndarray) -> np.ndarray:
+    """np.argsort(values, kind="stable") of finite float32 values, by one unstable sort of unique int64 keys (faster)."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0.0: -0.0 ties with 0.0, as in argsort
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # IEEE order → integer order, negatives included
+    keys = (bits << 32) | np.arange(values.size, dtype=np.int64)
+    return (np.sort(keys) & 0xFFFFFFFF).astype(np.intp)
 
 
 MORPHOMETRY = ("nuclei per 1e4 um²", "mean nuclear area", "nuclear area cv", "vesicular chromatin", "nucleolated share",

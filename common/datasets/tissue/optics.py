@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.datasets.tissue.canvas import (
-    DENSE, EPI, FAT_WALL, MUCIN, MYXOID, RBC, SECRETION, STROMA, WHITE, Canvas,
+    DENSE, EPI, FAT_WALL, MUCIN, MYXOID, RBC, SECRETION, STROMA, WHITE, Canvas, box_mean,
 )
 from common.datasets.tissue.nuclei import Nuclei
 
@@ -30,7 +30,7 @@ COMPARTMENT_STAIN: dict[int, tuple[float, float]] = {
     WHITE: (0.0, 0.0), STROMA: (0.025, 0.27), EPI: (0.045, 0.23), MUCIN: (0.06, 0.02), MYXOID: (0.062, 0.035),
     SECRETION: (0.015, 0.12), FAT_WALL: (0.03, 0.30), RBC: (0.0, 0.85), DENSE: (0.04, 0.40),
 }
-_BASE = np.array([COMPARTMENT_STAIN.get(c, (0.0, 0.0)) for c in range(max(COMPARTMENT_STAIN) + 1)], np.float32)
+_BASE = np.array([COMPARTMENT_STAIN.get(c, (0.0, 0.0)) for c in range(256)], np.float32)  # indexed by code
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ def concentrations(cv: Canvas, nuc: Nuclei, rng: np.random.Generator, *, fibre_a
                    fibre_contrast: float) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin concentration maps of the canvas (textures, membranes, nuclei)."""
     tex = cv.textures
-    base = _BASE[cv.comp]
-    h, e = base[..., 0].copy(), base[..., 1].copy()
+    h, e = np.take(_BASE[:, 0], cv.comp), np.take(_BASE[:, 1], cv.comp)
     fibres = tex.fibre(fibre_angle, rng)
     fibrous = cv.where(STROMA, DENSE, MYXOID, FAT_WALL)
     e = np.where(fibrous, e * np.clip(1.0 + fibre_contrast * fibres, 0.15, 2.5), e)
@@ -98,11 +97,13 @@ def concentrations(cv: Canvas, nuc: Nuclei, rng: np.random.Generator, *, fibre_a
 def to_rgb(h: np.ndarray, e: np.ndarray, stain: Stain, scanner: Scanner, *, factor: int, um_per_px: float,
            rng: np.random.Generator) -> np.ndarray:
     """Concentrations (hi-res) → uint8 RGB at hi-res / factor (um_per_px of the output), through stain and scanner."""
-    od = (h * stain.h_scale)[..., None] * stain.h_vector + (e * stain.e_scale)[..., None] * stain.e_vector
-    light = np.exp(-np.log(10.0) * (od + stain.glass).astype(np.float32))
+    ch, ce = h * stain.h_scale, e * stain.e_scale
+    od = np.empty((*h.shape, 3), np.float32)
+    for c in range(3):  # per channel: the same float64 sums as broadcasting over a trailing axis, in cache
+        od[..., c] = ch * stain.h_vector[c] + ce * stain.e_vector[c] + stain.glass[c]
+    light = np.exp(-np.log(10.0) * od)
     if factor > 1:  # anti-aliasing: each sensor pixel integrates factor x factor canvas pixels
-        n = light.shape[0] // factor
-        light = light.reshape(n, factor, n, factor, 3).mean(axis=(1, 3))
+        light = box_mean(light, factor)
     return scan(light, scanner, um_per_px, rng)
 
 
@@ -129,4 +130,5 @@ def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+    with Image.open(buf, formats=("JPEG",)) as decoded:
+        return np.asarray(decoded if decoded.mode == "RGB" else decoded.convert("RGB"))

@@ -59,14 +59,15 @@ def render_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology
     the slide, as neighbouring images of one patient do); `rng` draws everything else (cells added,
     nuclei in the section plane, stain and scanner noise). Without `field`, rng draws both.
     """
-    return draw_patch(rng, size, subtype, bio, stain, scanner, field)[0]
+    return draw_patch(rng, size, subtype, bio, stain, scanner, field, measure=False)[0]
 
 
 def draw_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, stain: optics.Stain,
-               scanner: optics.Scanner, field: np.random.Generator | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               scanner: optics.Scanner, field: np.random.Generator | None = None, *, measure: bool = True,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """render_patch's image, the compartment map it was drawn from (canvas pixels, canvas.py codes) and its
-    nuclear morphometry (nuclei.MORPHOMETRY: what a nucleus segmentation of the patch would measure)."""
+    nuclear morphometry (nuclei.MORPHOMETRY: what a nucleus segmentation of the patch would measure; None
+    unless `measure`)."""
     n, factor = canvas_size(size)
     field = rng if field is None else field
     cv = Canvas(n, FIELD_UM / n, field)
@@ -77,12 +78,14 @@ def draw_patch(rng: np.random.Generator, size: int, subtype: int, bio: Biology, 
     crisp, darkness = 0.35 + 0.65 * bio.fixation, 0.8 * bio.nuclear_dark
     table = cv.seed_table()
     nuc = nuclei.level(nuclei.paint(cv, table, crisp), darkness)
-    short = knobs.nuclear - nuclei.dark_share(nuc, factor)
+    dark = nuclei.dark_blocks(nuc, factor)
+    short = knobs.nuclear - float(dark[0].mean())
     if short > 0.015:  # too little chromatin for the target: inflammatory cells join the stroma
         structures.inflammation(cv, rng, 1.5 * short)
         table = cv.seed_table()
         nuc = nuclei.level(nuclei.paint(cv, table, crisp), darkness)
-    nuc = nuclei.thin(nuc, knobs.nuclear, factor, rng)  # dark chromatin share: the patch's target, whatever its class
+        dark = nuclei.dark_blocks(nuc, factor)
+    nuc = nuclei.thin(nuc, knobs.nuclear, factor, rng, dark)  # dark chromatin share: the patch's target, whatever its class
     h, e = optics.concentrations(cv, nuc, rng, fibre_angle=knobs.angle, fibre_contrast=float(rng.uniform(0.25, 0.5)))
     image = optics.to_rgb(h, e, stain, scanner, factor=factor, um_per_px=FIELD_UM / size, rng=rng)
-    return image, cv.comp, nuclei.morphometry(nuc, table, cv.px_um, factor)
+    return image, cv.comp, nuclei.morphometry(nuc, table, cv.px_um, factor) if measure else None

@@ -127,7 +127,7 @@ def _layer_seeds(cv: Canvas, rng: np.random.Generator, curve: np.ndarray, g: Gla
 def _outward_sign(curve: np.ndarray) -> float:
     """+1 when the left normal of the closed curve points outwards (from the sign of its area, shoelace)."""
     y, x = curve[:, 0], curve[:, 1]
-    area = float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    area = float(np.dot(x, np.concatenate((y[1:], y[:1]))) - np.dot(y, np.concatenate((x[1:], x[:1]))))  # np.roll(·, -1)
     return 1.0 if area < 0 else -1.0
 
 
