@@ -44,7 +44,7 @@ from common.privacy.trainer import dp_input
 from common.rundir import RunDirectory
 from common.trainable import make_split
 from common.training import OPTIMIZERS, augment, prepare, to_input
-from simulations.bench_dp_report import print_result as _print
+from simulations.bench_dp_report import print_result
 from simulations.scenarios import DP_RECIPE
 
 FLOWER_SIM = str(Path(sys.executable).parent / "flower-sim")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["accuracy"] = rows
     result["goals"] = goals(result.get("accuracy", {}), result.get("throughput"))
     result["complete"] = True
-    _print(result)
+    print_result(result)
     save()
     return result
 

@@ -80,7 +80,7 @@ def sample(style: Style, rng: np.random.Generator, count: int, angle: float | np
         "irr": pick(0.35, style.irr * (0.5 + u[6])),
         "lobes": pick(7.0, 2.0 + np.floor(3.0 * u[7])), "phase": u[8] * (2 * np.pi),
         "mitosis": mitosis.astype(np.float32), "cyto": style.cyto * (0.85 + 0.3 * u[9]),
-        "visible": (((u[10] < style.visible) | mitosis) if any_mitosis else (u[10] < style.visible)).astype(np.float32),
+        "visible": ((u[10] < style.visible) | mitosis).astype(np.float32),
         "halo": pick(0.8, style.halo * (0.5 + u[7])),
     }
 
@@ -120,10 +120,10 @@ def paint(cv: Canvas, table: dict[str, np.ndarray], crisp: float) -> Nuclei:
     membrane[:-1, :] |= owner[:-1, :] != owner[1:, :]
 
     # per-cell quantities once per seed, then gathered (elementwise, so the same values as per pixel)
-    px = {"y": table["y"], "x": table["x"], "ca": np.cos(table["angle"]), "sa": np.sin(table["angle"]),
+    per_cell = {"y": table["y"], "x": table["x"], "ca": np.cos(table["angle"]), "sa": np.sin(table["angle"]),
           "a_px": table["a"] / cv.px_um, "b_px": table["b"] / cv.px_um, "irr": table["irr"], "lobes": table["lobes"],
           "phase": table["phase"], "visible": table["visible"], "halo": table["halo"]}
-    get = dict(zip(px, np.take(np.stack(list(px.values())), owner, axis=1)))  # one gather for every attribute
+    get = dict(zip(per_cell, np.take(np.stack(list(per_cell.values())), owner, axis=1)))  # one gather for every attribute
     dy, dx = cv.yy - get["y"], cv.xx - get["x"]
     ca, sa, a_px, b_px = get["ca"], get["sa"], get["a_px"], get["b_px"]
     u, v = (dx * ca + dy * sa) / a_px, (-dx * sa + dy * ca) / b_px
