@@ -167,6 +167,7 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum (SCAFFOLD needs 0: plain SGD steps)")
     lr: float = Field(1e-3, gt=0.0, description="learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over one training call (a round's local epochs; pooled training: the whole budget): constant, or cosine decay to 0")
     weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present")
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported)")

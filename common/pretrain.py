@@ -31,7 +31,7 @@ from common.datasets.public_corpus import PublicCorpus, load_public_corpus
 from common.datasets.splits import ArraySplit
 from common.datasets.stain import HedJitter
 from common.model import build_model
-from common.training import OPTIMIZERS, augment, make_loader, select_device, to_input
+from common.training import OPTIMIZERS, SCHEDULES, augment, make_loader, select_device, to_input
 
 HOLDOUT_SHARE = 0.1  # public patients kept out of pretraining to report tissue-type accuracy
 
@@ -97,7 +97,7 @@ def _fit(model: torch.nn.Module, train: ArraySplit, z: torch.Tensor, tissues: in
     p = cfg.pretrain
     loader = make_loader(train, p.batch_size, seed=p.seed, indexed=True)
     opt = OPTIMIZERS["adamw"](model.parameters(), p.lr, cfg.train.weight_decay, 0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, p.epochs * len(loader)))
+    sched = SCHEDULES["cosine"](opt, p.epochs * len(loader))
     gen = torch.Generator().manual_seed(p.seed)
     model.train()
     mean_loss = 0.0

@@ -26,6 +26,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {  # (params, lr, 
     "sgd": lambda params, lr, wd, momentum=0.9: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd),
 }
 
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler | None]] = {  # (optimizer, steps) -> per-step scheduler or None
+    "constant": lambda opt, steps: None,
+    "cosine": lambda opt, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps)),
+}
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -127,6 +132,7 @@ def train_local(
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
     loader = make_loader(data, cfg.batch_size, seed=seed, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda")
+    schedule = SCHEDULES[cfg.lr_schedule](opt, cfg.local_epochs * len(loader))
     total, seen, skipped, steps, start = torch.zeros((), device=device), 0, 0, 0, time.perf_counter()
     for _ in range(cfg.local_epochs):
         for images, labels, lost in loader:
@@ -147,6 +153,8 @@ def train_local(
             scaler.step(opt)
             steps += 1
             scaler.update()
+            if schedule is not None:
+                schedule.step()
             total += loss.detach().float() * labels.numel()  # stays on the device: no GPU sync per step
             seen += labels.numel()
     if seen == 0:
