@@ -312,6 +312,18 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _schedule_fits(self) -> RunConfig:
+        if self.train.lr_schedule == "constant":
+            return self
+        ignored_by = {"privacy.mode": self.privacy.spec.local, "model.trainable": self.model.trainable != "all",
+                  "federation.strategy=scaffold": self.federation.strategy == "scaffold"}  # SCAFFOLD's c_i assumes one rate
+        clash = [key for key, on in ignored_by.items() if on]
+        if clash:
+            raise ValueError(f"train.lr-schedule={self.train.lr_schedule} is for full-model training without DP-SGD or "
+                             f"SCAFFOLD; it cannot be combined with {', '.join(clash)} (use train.lr-schedule=constant)")
+        return self
+
+    @model_validator(mode="after")
     def _outlier_site_exists(self) -> RunConfig:
         if self.data.outlier_site >= self.federation.num_sites:
             raise ValueError(f"data.outlier-site ({self.data.outlier_site}) must be below federation.num-sites "

@@ -42,3 +42,14 @@ def test_cosine_decays_from_the_rate_towards_zero_over_all_epochs(tiny_cfg) -> N
 def test_an_unknown_schedule_is_refused_by_name(tiny_cfg) -> None:
     with pytest.raises(ConfigError, match="lr-schedule|lr_schedule"):
         tiny_cfg.override({"train.lr-schedule": "step"})
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    ({"privacy.mode": "local"}, "privacy.mode"),
+    ({"model.trainable": "classifier"}, "model.trainable"),
+    ({"federation.strategy": "scaffold", "train.optimizer": "sgd", "train.momentum": 0.0}, "scaffold"),
+])
+def test_cosine_is_refused_where_its_loop_would_ignore_it(tiny_cfg, overrides, culprit) -> None:
+    with pytest.raises(ConfigError, match=culprit):
+        tiny_cfg.override({**overrides, "train.lr-schedule": "cosine"})
+    tiny_cfg.override(overrides)  # the same settings at a constant rate are fine
